@@ -1,0 +1,192 @@
+"""Montage and alignment throughput: MP/s per core, 1 vs 2 MPI ranks, peak memory per rank.
+
+Run:  OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/montage_align.py [--sections N] [--quick]
+
+Measures (single core, one process, BLAS/FFT single-threaded):
+(per-core figures divide by the process's CPU time, so other load on the shared
+machine does not distort them; wall-clock figures are stored too)
+* montage registration+solve+render on synthetic demo tiles (2×2 × 512², 64 px overlap)
+  and on the real TEMCA tiles (../shared/data/montage_render/perftest_4tiles_level1,
+  4 × 1280×1080) — MP = tile pixels in / wall second;
+* alignment (coarse rigid + 2 elastic rounds + render + QC) on the synthetic demo
+  montaged sections — MP = section pixels / wall second;
+* the MPI stages end to end (ingest excluded) with 1 and 2 ranks on the synthetic
+  demo project: wall time, efficiency T1 / (2·T2), work efficiency (CPU seconds of
+  1 rank / CPU seconds of both ranks: redundant work and waiting), peak RSS per rank.
+Writes bench/results/montage_align.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline_core import synth  # noqa: E402
+from pipeline_core.align import align_stack  # noqa: E402
+from pipeline_core.montage import montage_section, render_montage  # noqa: E402
+
+SHARED = Path(os.environ.get("EMLOOP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+_WRAP = (
+    "import resource, runpy, sys, os\n"
+    "mod = sys.argv[1]\n"
+    "sys.argv = [mod] + sys.argv[2:]\n"
+    "runpy.run_module(mod, run_name='__main__', alter_sys=True)\n"
+    "from mpi4py import MPI\n"
+    "r = MPI.COMM_WORLD.Get_rank()\n"
+    "u = resource.getrusage(resource.RUSAGE_SELF)\n"
+    "open(os.environ['EMLOOP_BENCH_RSS'] + f'.{r}', 'w').write(f'{u.ru_maxrss} {u.ru_utime + u.ru_stime}')\n"
+)
+
+
+def bench_montage_synth(data, reps: int = 1) -> dict:
+    Z, T, th, tw = data.tiles.shape
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(reps):
+        for z in range(Z):
+            tiles = list(data.tiles[z])
+            res = montage_section(tiles, data.tile_stage_positions[z])
+            render_montage(tiles, res.positions)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    mp = reps * Z * T * th * tw / 1e6
+    return {"data": f"synthetic demo {Z}x{T} tiles of {th}x{tw}", "megapixels": round(mp, 3), "wall_s": round(dt, 3),
+            "cpu_s": round(cpu, 3), "mp_per_s_per_core": round(mp / cpu, 2), "mp_per_wall_s": round(mp / dt, 2)}
+
+
+def bench_montage_real(reps: int = 3) -> dict | None:
+    d = SHARED / "montage_render" / "perftest_4tiles_level1"
+    if not d.is_dir():
+        return None
+    import tifffile
+
+    js = json.loads((d / "positions_summary.json").read_text())
+    tiles = [tifffile.imread(d / t["image_level1"]) for t in js["tiles"]]
+    mask = tifffile.imread(d / "mask.tif_level_1_mipmap.tif") > 0
+    stage = np.array([t["approx_translation_level1"][::-1] for t in js["tiles"]])
+    montage_section(tiles, stage, masks=mask)  # warm-up (FFT plans, caches)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(reps):
+        res = montage_section(tiles, stage, masks=mask)
+        render_montage(tiles, res.positions, masks=mask)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    mp = reps * sum(t.size for t in tiles) / 1e6
+    return {"data": "real TEMCA tiles 4 x 1280x1080 (perftest_4tiles_level1)", "megapixels": round(mp, 3),
+            "wall_s": round(dt, 3), "cpu_s": round(cpu, 3), "mp_per_s_per_core": round(mp / cpu, 2),
+            "mp_per_wall_s": round(mp / dt, 2)}
+
+
+def bench_align(data) -> dict:
+    S = data.section_images
+    t0, c0 = time.perf_counter(), time.process_time()
+    r = align_stack(S)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    mp = S.size / 1e6
+    return {"data": f"synthetic demo montaged sections {S.shape}", "megapixels": round(mp, 3), "wall_s": round(dt, 3),
+            "cpu_s": round(cpu, 3), "mp_per_s_per_core": round(mp / cpu, 2), "mp_per_wall_s": round(mp / dt, 2),
+            "statuses": [q["status"] for q in r.qc]}
+
+
+def _stage(stage: str, root: Path, rid: int, n: int) -> dict:
+    rss = Path(tempfile.mkdtemp()) / "rss"
+    env = dict(os.environ, EMLOOP_BENCH_RSS=str(rss))
+    cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(n), sys.executable, "-c", _WRAP,
+           f"pipeline_core.stages.{stage}", "--project", str(root), "--run", str(rid)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{stage} with {n} ranks failed: {r.stderr[-1500:]}")
+    peaks, cpus = [], []
+    for k in range(n):
+        f = Path(f"{rss}.{k}")
+        if f.exists():
+            kb, cpu = f.read_text().split()
+            peaks.append(round(int(kb) / 1024, 1))
+            cpus.append(round(float(cpu), 2))
+    return {"ranks": n, "seconds": round(dt, 2), "cpu_s_per_rank": cpus, "peak_rss_mib_per_rank": peaks}
+
+
+def bench_mpi(data) -> dict:
+    from pipeline_core.ingest import ingest_synthetic
+    from pipeline_core.project import Project
+    from pipeline_core.runs import prepare_run
+
+    tmp = Path(tempfile.mkdtemp(prefix="emloop-bench-"))
+    proj = Project.init(tmp / "proj", user="bench")
+    ingest_synthetic(proj, data, user="bench")
+    out = {"montage": [], "align": []}
+    mids = []
+    for n in (1, 2):
+        rid = prepare_run(proj, "montage", user="bench")
+        out["montage"].append(_stage("montage", proj.root, rid, n))
+        mids.append(rid)
+    proj.catalog.review(mids[0], "approve", "bench")
+    for n in (1, 2):
+        rid = prepare_run(proj, "align", user="bench")
+        out["align"].append(_stage("align", proj.root, rid, n))
+    Z, T, th, tw = data.tiles.shape
+    for k, mp in (("montage", Z * T * th * tw / 1e6), ("align", data.section_images.size / 1e6)):
+        t1, t2 = out[k][0]["seconds"], out[k][1]["seconds"]
+        out[k + "_efficiency_1_to_2"] = round(t1 / (2 * t2), 3)
+        # work efficiency: CPU of 1 rank / total CPU of 2 ranks (robust to other load on the machine)
+        c1, c2 = sum(out[k][0]["cpu_s_per_rank"]), sum(out[k][1]["cpu_s_per_rank"])
+        out[k + "_cpu_efficiency_1_to_2"] = round(c1 / c2, 3) if c2 else None
+        out[k + "_mp_per_s_per_core_1rank"] = round(mp / t1, 2)
+        out[k + "_mp_per_s_per_core_2ranks"] = round(mp / t2 / 2, 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", type=int, default=8, help="sections of the synthetic demo data (default 8)")
+    ap.add_argument("--no-mpi", action="store_true", help="skip the 1 vs 2 rank stage runs")
+    args = ap.parse_args()
+    t = time.perf_counter()
+    data = synth.generate("demo", seed=0, n_sections=args.sections)
+    gen_s = time.perf_counter() - t
+    res = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "note": "2 shared cores; other processes may have been running"},
+        "synthetic_generation_s": round(gen_s, 1),
+        "targets": {"montage_mp_per_s_per_core": 50, "align_mp_per_s_per_core": 5, "efficiency_1_to_2": 0.9},
+        "montage_synthetic": bench_montage_synth(data),
+        "montage_real": bench_montage_real(),
+        "align_synthetic": bench_align(data),
+    }
+    if not args.no_mpi:
+        res["mpi"] = bench_mpi(data)
+    out = ROOT / "bench" / "results" / "montage_align.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    rows = [("montage synthetic (1 core)", res["montage_synthetic"]["mp_per_s_per_core"], 50),
+            ("montage real tiles (1 core)", (res["montage_real"] or {}).get("mp_per_s_per_core"), 50),
+            ("align synthetic (1 core)", res["align_synthetic"]["mp_per_s_per_core"], 5)]
+    print(f"{'measurement':40s} {'MP/s/core':>10s} {'target':>8s}")
+    for name, v, tgt in rows:
+        print(f"{name:40s} {v if v is not None else '-':>10} {tgt:>8}")
+    if "mpi" in res:
+        m = res["mpi"]
+        for k in ("montage", "align"):
+            print(f"{k + ' stage 1 rank':40s} {m[k + '_mp_per_s_per_core_1rank']:>10} {'':>8}  {m[k][0]['seconds']} s, peak {m[k][0]['peak_rss_mib_per_rank']} MiB")
+            print(f"{k + ' stage 2 ranks':40s} {m[k + '_mp_per_s_per_core_2ranks']:>10} {'':>8}  {m[k][1]['seconds']} s, peak {m[k][1]['peak_rss_mib_per_rank']} MiB")
+            print(f"{k + ' efficiency 1→2 ranks (wall)':40s} {m[k + '_efficiency_1_to_2']:>10} {0.9:>8}")
+            print(f"{k + ' efficiency 1→2 ranks (CPU work)':40s} {m[k + '_cpu_efficiency_1_to_2']:>10} {0.9:>8}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Training data for the FFN: normalisation, partitions by local object fraction, balanced
+sampling of training locations, augmentation, and training examples with in-training FOV movement.
+
+All arrays are (z, y, x). ``labels`` are integer object ids; ids listed in ``ignore_labels``
+(e.g. 0 = boundary/background) are never used as training centres and count as "not the object"
+in the targets.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from pipeline_core.errors import InputError
+
+from .model import MASK_LOGIT_CLIP, PRIOR_PROB, SEED_PROB, FFNConfig, logit
+from .movement import proposed_moves
+
+#: upper edges of the local-object-fraction bins (FFN-style partitions)
+LOF_THRESHOLDS = (0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+#: soft targets: probability for "same object as the centre" / "anything else"
+TARGET_POS, TARGET_NEG = 0.95, 0.05
+
+
+def image_stats(image: np.ndarray) -> tuple[float, float]:
+    """(mean, std) of ``image`` as float64 numbers, for :class:`FFNConfig` normalisation."""
+    a = np.asarray(image, dtype=np.float64)
+    std = float(a.std())
+    if not std > 0:
+        raise InputError("training image: constant intensity, cannot normalise (std = 0)")
+    return float(a.mean()), std
+
+
+def normalize(image: np.ndarray, cfg: FFNConfig) -> np.ndarray:
+    """(image - mean) / std as float32, same shape (z, y, x)."""
+    return ((np.asarray(image, dtype=np.float32) - np.float32(cfg.image_mean)) / np.float32(cfg.image_std)).astype(np.float32)
+
+
+def local_object_fraction(labels: np.ndarray, radius, ignore_labels=(0,)) -> np.ndarray:
+    """Fraction of a (2r+1)-box around every voxel that carries the voxel's own label.
+
+    labels: (z, y, x) int ids. radius: (rz, ry, rx). Voxels outside the volume count as other
+    objects. Returns (z, y, x) float32 in [0, 1]; voxels with an ignored label get -1.
+    Cost: one box filter per object over its bounding box grown by ``radius``.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise InputError(f"labels: need a 3-D (z, y, x) array, got shape {labels.shape}")
+    out = np.full(labels.shape, -1.0, dtype=np.float32)
+    ids, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.reshape(labels.shape).astype(np.int32) + 1
+    r = np.asarray(radius, dtype=np.int64)
+    size = tuple(int(2 * v + 1) for v in r)
+    ignore = set(int(v) for v in ignore_labels)
+    for k, sl in enumerate(ndi.find_objects(inverse), start=1):
+        if sl is None or int(ids[k - 1]) in ignore:
+            continue
+        grown = tuple(slice(max(0, s.start - int(rr)), min(n, s.stop + int(rr))) for s, rr, n in zip(sl, r, labels.shape))
+        m = inverse[grown] == k
+        frac = ndi.uniform_filter(m.astype(np.float32), size=size, mode="constant", cval=0.0)
+        view = out[grown]
+        view[m] = frac[m]
+    return out
+
+
+def partitions(lof: np.ndarray, thresholds=LOF_THRESHOLDS) -> np.ndarray:
+    """Partition index per voxel (int8): bin of the local object fraction, -1 where lof < 0."""
+    part = np.digitize(lof, np.asarray(thresholds, dtype=np.float32)).astype(np.int8)
+    part[lof < 0] = -1
+    return part
+
+
+class LocationSampler:
+    """Balanced sampling of training centres: a partition uniformly at random, then a voxel of it.
+
+    part: (z, y, x) int8 partitions (-1 = never a centre). margin: (z, y, x) half window; centres
+    are kept >= margin from every face so the training window fits inside the volume.
+    """
+
+    def __init__(self, part: np.ndarray, margin):
+        m = tuple(int(v) for v in margin)
+        if any(2 * mm + 1 > n for mm, n in zip(m, part.shape)):
+            raise InputError(f"training volume shape {part.shape} is smaller than the training window {tuple(2 * v + 1 for v in m)}")
+        inner = part[m[0]:part.shape[0] - m[0], m[1]:part.shape[1] - m[1], m[2]:part.shape[2] - m[2]]
+        flat = inner.ravel()
+        order = np.argsort(flat, kind="stable")
+        sorted_parts = flat[order]
+        self.shape, self.inner_shape, self.margin = part.shape, inner.shape, m
+        self.groups: list[np.ndarray] = []
+        for p in np.unique(sorted_parts):
+            if p < 0:
+                continue
+            lo, hi = np.searchsorted(sorted_parts, [p, p + 1])
+            self.groups.append(order[lo:hi].astype(np.int64))
+        if not self.groups:
+            raise InputError("training labels: no voxel with a usable (non-ignored) label away from the volume faces")
+
+    def sample(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        g = self.groups[int(rng.integers(len(self.groups)))]
+        idx = int(g[int(rng.integers(len(g)))])
+        zyx = np.unravel_index(idx, self.inner_shape)
+        return tuple(int(a + b) for a, b in zip(zyx, self.margin))
+
+
+class TrainingExample:
+    """One training window with its object-mask canvas and in-training FOV movement.
+
+    image: (wz, wy, wx) float32 normalised; target: same shape float32 soft labels; the window is
+    fov + 2 * deltas, the object seed is its centre. ``next_center()`` returns the next FOV centre
+    (window coordinates) or None when the object is exhausted; ``update(center, logits)`` writes the
+    network's output logits (fz, fy, fx) into the canvas and queues the moves it supports.
+    """
+
+    def __init__(self, image: np.ndarray, target: np.ndarray, cfg: FFNConfig, move_threshold: float = 0.9):
+        self.image, self.target, self.cfg = image, target, cfg
+        self.canvas = np.full(image.shape, logit(PRIOR_PROB), dtype=np.float32)
+        c = tuple(s // 2 for s in image.shape)
+        self.canvas[c] = logit(SEED_PROB)
+        self.r = cfg.radius
+        self.threshold = logit(move_threshold)
+        self.queue: list = [(-np.inf, c)]
+        self.visited: set = set()
+
+    def _sl(self, c):
+        return tuple(slice(ci - ri, ci + ri + 1) for ci, ri in zip(c, self.r))
+
+    def _valid(self, c) -> bool:
+        return all(ri <= ci < s - ri for ci, ri, s in zip(c, self.r, self.image.shape))
+
+    def next_center(self):
+        while self.queue:
+            _, c = heapq.heappop(self.queue)
+            if c not in self.visited and self._valid(c):
+                self.visited.add(c)
+                return c
+        return None
+
+    def inputs(self, c) -> tuple[np.ndarray, np.ndarray]:
+        """((fz, fy, fx, 2) network input, (fz, fy, fx, 1) target) at FOV centre c."""
+        sl = self._sl(c)
+        x = np.stack([self.image[sl], self.canvas[sl]], axis=-1)
+        return x, self.target[sl][..., None]
+
+    def update(self, c, logits: np.ndarray) -> None:
+        self.canvas[self._sl(c)] = np.clip(logits, -MASK_LOGIT_CLIP, MASK_LOGIT_CLIP)
+        for score, nc in proposed_moves(logits, c, self.cfg.deltas, self.threshold):
+            if nc not in self.visited and self._valid(nc):
+                heapq.heappush(self.queue, (-score, nc))
+
+
+class ExampleSource:
+    """Draws augmented :class:`TrainingExample` windows from one (image, labels) volume pair.
+
+    image: (z, y, x) raw image (any real dtype), normalised with cfg. labels: (z, y, x) int ids.
+    permute_axes: axes (subset of (0, 1, 2)) that may be permuted by augmentation; only axes with
+    equal window size are used, so pass (1, 2) for anisotropic data and (0, 1, 2) for isotropic.
+    Flips are applied on every axis with probability 1/2.
+    """
+
+    def __init__(self, image: np.ndarray, labels: np.ndarray, cfg: FFNConfig, *, ignore_labels=(0,),
+                 permute_axes=(1, 2), move_threshold: float = 0.9, lof_radius=None):
+        image, labels = np.asarray(image), np.asarray(labels)
+        if image.shape != labels.shape or image.ndim != 3:
+            raise InputError(f"training data: image shape {image.shape} and labels shape {labels.shape} must be equal 3-D (z, y, x)")
+        self.cfg = cfg
+        self.image = normalize(image, cfg)
+        self.labels = labels
+        self.window = tuple(f + 2 * d for f, d in zip(cfg.fov, cfg.deltas))
+        self.half = tuple(w // 2 for w in self.window)
+        radius = cfg.radius if lof_radius is None else tuple(int(v) for v in lof_radius)
+        self.part = partitions(local_object_fraction(labels, radius, ignore_labels))
+        self.sampler = LocationSampler(self.part, self.half)
+        ax = [a for a in sorted(set(int(v) for v in permute_axes)) if a in (0, 1, 2)]
+        # keep only axes whose window size equals that of the others in the group
+        sizes = {}
+        for a in ax:
+            sizes.setdefault(self.window[a], []).append(a)
+        self.perm_groups = [g for g in sizes.values() if len(g) > 1]
+        self.move_threshold = move_threshold
+
+    def draw(self, rng: np.random.Generator) -> TrainingExample:
+        c = self.sampler.sample(rng)
+        sl = tuple(slice(ci - h, ci + h + 1) for ci, h in zip(c, self.half))
+        img = self.image[sl]
+        obj = self.labels[sl] == self.labels[c]
+        perm = [0, 1, 2]
+        for g in self.perm_groups:
+            shuffled = [g[i] for i in rng.permutation(len(g))]
+            for a, b in zip(g, shuffled):
+                perm[a] = b
+        img, obj = img.transpose(perm), obj.transpose(perm)
+        flips = tuple(a for a in range(3) if rng.random() < 0.5)
+        if flips:
+            img, obj = np.flip(img, flips), np.flip(obj, flips)
+        target = np.where(obj, np.float32(TARGET_POS), np.float32(TARGET_NEG)).astype(np.float32)
+        return TrainingExample(np.ascontiguousarray(img), target, self.cfg, self.move_threshold)

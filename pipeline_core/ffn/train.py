@@ -1,0 +1,353 @@
+"""Data-parallel FFN training over MPI ranks (Horovod-style gradient averaging with mpi4py).
+
+Every rank draws its own training examples (its own random stream), computes gradients on its
+local batch, and the gradients (plus the loss, as one trailing element) are summed with a single
+``Allreduce`` into a float32 buffer and divided by the number of ranks. All ranks start from the
+same weights (rank 0's are broadcast) and apply the same averaged gradients with the same Adam
+state, so their weights stay identical.
+
+Learning rate: ``learning_rate * s(N)`` with ``s = 1 | N | sqrt(N)`` for ``lr_scaling =
+none | linear | sqrt`` and N ranks, ramped linearly over the first ``warmup_steps`` steps.
+
+Model directory layout (``PROJECT/models/<id>/``)::
+
+    config.json            {"ffn": FFNConfig, "train": TrainParams, "world_size": N, ...}
+    checkpoint.json        {"step": s, "file": "checkpoints/ckpt-000s.npz"}  (the latest)
+    checkpoints/ckpt-*.npz weights w0..wK, optimizer variables o0..oM, step
+    curve.jsonl            one JSON line per logged step: step, loss, lr, examples, elapsed_s, examples_per_s
+
+Resuming: :func:`train` continues from the latest checkpoint of ``model_dir``. Example state and
+random streams are reset at every checkpoint boundary (seeded by (seed, rank, step)), so a resumed
+run draws exactly the examples an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline_core.errors import InputError
+
+from .data import ExampleSource
+from .model import FFNConfig, build_model, load_config
+
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+@dataclasses.dataclass
+class TrainParams:
+    """Training hyper-parameters (per rank unless stated).
+
+    steps: total optimiser steps (all ranks step together). batch_size: examples per rank per step.
+    learning_rate: Adam step size for one rank; scaled by lr_scaling; warmup_steps: linear ramp.
+    checkpoint_every: steps between checkpoints (also the example/RNG reset period).
+    log_every: steps between curve entries. seed: base random seed.
+    move_threshold: FOV move threshold (probability) during training.
+    permute_axes: axes augmentation may permute ((1, 2) anisotropic, (0, 1, 2) isotropic).
+    ignore_labels: label ids never used as centres (count as "not the object").
+    """
+
+    steps: int = 1000
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    lr_scaling: str = "sqrt"
+    warmup_steps: int = 50
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    move_threshold: float = 0.9
+    permute_axes: tuple = (1, 2)
+    ignore_labels: tuple = (0,)
+
+    def __post_init__(self):
+        if self.lr_scaling not in LR_SCALINGS:
+            raise InputError(f"training parameter lr_scaling={self.lr_scaling!r}: use one of {LR_SCALINGS}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"training parameter {name}={getattr(self, name)}: must be >= 1")
+        if not self.learning_rate > 0 or self.warmup_steps < 0:
+            raise InputError(f"training parameters learning_rate={self.learning_rate}, warmup_steps={self.warmup_steps}: need lr > 0, warm-up >= 0")
+        self.permute_axes = tuple(int(a) for a in self.permute_axes)
+        self.ignore_labels = tuple(int(a) for a in self.ignore_labels)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["permute_axes"], d["ignore_labels"] = list(self.permute_axes), list(self.ignore_labels)
+        return d
+
+
+def scaled_lr(params: TrainParams, world_size: int, step: int) -> float:
+    """Learning rate at optimiser step ``step`` (0-based) for ``world_size`` ranks."""
+    s = {"none": 1.0, "linear": float(world_size), "sqrt": math.sqrt(world_size)}[params.lr_scaling]
+    target = params.learning_rate * s
+    if params.warmup_steps > 0 and step < params.warmup_steps:
+        return target * (step + 1) / params.warmup_steps
+    return target
+
+
+def weights_digest(model) -> str:
+    """sha256 of all weights (bit-exact), to compare ranks."""
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
+def latest_checkpoint(model_dir: Path) -> dict | None:
+    p = Path(model_dir) / "checkpoint.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise InputError(f"{p}: unreadable checkpoint pointer") from e
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def load_model(model_dir, step: int | None = None, dtype_policy: str | None = None):
+    """(keras.Model, FFNConfig) from a model directory (latest checkpoint unless ``step``).
+
+    dtype_policy: override the stored policy (e.g. 'mixed_bfloat16' for bf16 inference).
+    """
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.exists():
+        raise InputError(f"{model_dir}: not an FFN model directory (config.json missing)")
+    meta = json.loads(cfg_path.read_text())
+    cfg = FFNConfig.from_dict(meta["ffn"])
+    if dtype_policy:
+        cfg = cfg.replace(dtype_policy=dtype_policy)
+    if step is None:
+        ck = latest_checkpoint(model_dir)
+        if ck is None:
+            raise InputError(f"{model_dir}: no checkpoint yet")
+        file = model_dir / ck["file"]
+    else:
+        file = model_dir / "checkpoints" / f"ckpt-{int(step):07d}.npz"
+    if not file.exists():
+        raise InputError(f"{file}: checkpoint missing")
+    model = build_model(cfg)
+    with np.load(file) as z:
+        n = int(z["n_weights"])
+        model.set_weights([z[f"w{i}"] for i in range(n)])
+    return model, cfg
+
+
+class _Trainer:
+    def __init__(self, cfg: FFNConfig, params: TrainParams, comm):
+        import keras
+        import tensorflow as tf
+
+        self.tf = tf
+        self.cfg, self.params, self.comm = cfg, params, comm
+        self.rank = comm.Get_rank() if comm is not None else 0
+        self.size = comm.Get_size() if comm is not None else 1
+        self.model = build_model(cfg, seed=params.seed)
+        self.opt = keras.optimizers.Adam(learning_rate=params.learning_rate)
+        self.opt.build(self.model.trainable_variables)
+        self.vars = list(self.model.trainable_variables)
+        self.shapes = [tuple(v.shape) for v in self.vars]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        model, opt, vars_ = self.model, self.opt, self.vars
+        fov = tuple(cfg.fov)
+
+        @tf.function(input_signature=[tf.TensorSpec((None,) + fov + (2,), tf.float32),
+                                      tf.TensorSpec((None,) + fov + (1,), tf.float32)])
+        def grad_step(x, y):
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
+            grads = tape.gradient(loss, vars_)
+            flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads] + [tf.reshape(loss, [1])], 0)
+            return flat, logits
+
+        sizes, shapes = self.sizes, self.shapes
+
+        @tf.function(input_signature=[tf.TensorSpec((sum(sizes),), tf.float32)])
+        def apply(flat):
+            parts = tf.split(flat, sizes)
+            opt.apply_gradients([(tf.reshape(p, s), v) for p, s, v in zip(parts, shapes, vars_)])
+            return tf.constant(0)
+
+        self.grad_step, self.apply = grad_step, apply
+
+    # -- state io ---------------------------------------------------------------------------
+    def broadcast_weights(self):
+        if self.comm is None or self.size == 1:
+            return
+        ws = self.model.get_weights()
+        flat = np.concatenate([w.ravel().astype(np.float32) for w in ws])
+        self.comm.Bcast(flat, root=0)
+        out, o = [], 0
+        for w in ws:
+            out.append(flat[o:o + w.size].reshape(w.shape).astype(w.dtype))
+            o += w.size
+        self.model.set_weights(out)
+
+    def save(self, model_dir: Path, step: int):
+        ck_dir = model_dir / "checkpoints"
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        name = f"ckpt-{step:07d}.npz"
+        arrays = {f"w{i}": w for i, w in enumerate(self.model.get_weights())}
+        arrays["n_weights"] = np.array(len(arrays))
+        ov = [np.asarray(v.numpy()) for v in self.opt.variables]
+        arrays.update({f"o{i}": v for i, v in enumerate(ov)})
+        arrays["n_opt"] = np.array(len(ov))
+        arrays["step"] = np.array(step)
+        tmp = ck_dir / (name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(ck_dir / name)
+        _atomic_json(model_dir / "checkpoint.json", {"step": step, "file": f"checkpoints/{name}"})
+
+    def restore(self, file: Path) -> int:
+        with np.load(file) as z:
+            self.model.set_weights([z[f"w{i}"] for i in range(int(z["n_weights"]))])
+            n_opt = int(z["n_opt"])
+            if n_opt != len(self.opt.variables):
+                raise InputError(f"{file}: optimizer state has {n_opt} variables, expected {len(self.opt.variables)}")
+            for i, v in enumerate(self.opt.variables):
+                v.assign(z[f"o{i}"])
+            return int(z["step"])
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        flat, logits = self.grad_step(x, y)
+        buf = flat.numpy()
+        if self.comm is not None and self.size > 1:
+            from mpi4py import MPI
+
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            buf /= np.float32(self.size)
+        self.opt.learning_rate.assign(lr)
+        self.apply(buf[:-1])
+        return float(buf[-1]), logits.numpy()
+
+
+def train(cfg: FFNConfig, volumes, model_dir, params: TrainParams | None = None, *, comm=None,
+          log=None, metadata: dict | None = None, init_weights: list | None = None, progress=None) -> dict:
+    """Train (or resume training) an FFN into ``model_dir``.
+
+    cfg: network config (its image_mean/std are used for normalisation).
+    volumes: list of (image (z, y, x), labels (z, y, x) int) pairs; each example comes from a volume
+      chosen uniformly at random.
+    comm: mpi4py communicator (None = single process). All ranks must call with the same arguments.
+    log: callable(str) for progress lines (rank 0 only).
+    metadata: extra JSON-able items stored in config.json (e.g. training data product ids, parent model).
+    progress: callable(done_steps, total_steps), called on every rank at each curve entry.
+    init_weights: starting weights (e.g. a parent model's, for fine-tuning) used when model_dir has
+      no checkpoint yet; must match the network built from cfg.
+    Returns {"steps", "final_loss", "world_size", "examples", "train_s", "examples_per_s", "weights_sha256"}.
+    """
+    params = params or TrainParams()
+    model_dir = Path(model_dir)
+    rank = comm.Get_rank() if comm is not None else 0
+    size = comm.Get_size() if comm is not None else 1
+    if not volumes:
+        raise InputError("training: no (image, labels) volumes given")
+    sources = [ExampleSource(im, lb, cfg, ignore_labels=params.ignore_labels, permute_axes=params.permute_axes,
+                             move_threshold=params.move_threshold) for im, lb in volumes]
+    cfg_path = model_dir / "config.json"
+    if rank == 0:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if old.get("ffn") != cfg.to_dict():
+                raise InputError(f"{cfg_path}: model directory holds a different network config; use a new model id")
+        meta = {"ffn": cfg.to_dict(), "train": params.to_dict(), "world_size": size}
+        if metadata:
+            meta.update(metadata)
+        _atomic_json(cfg_path, meta)
+    if comm is not None:
+        comm.Barrier()
+
+    tr = _Trainer(cfg, params, comm)
+    ck = latest_checkpoint(model_dir)
+    start = tr.restore(model_dir / ck["file"]) if ck else 0
+    if not ck:
+        if init_weights is not None:
+            try:
+                tr.model.set_weights(init_weights)
+            except ValueError as e:
+                raise InputError(f"{model_dir}: initial (parent) weights do not fit the network config ({e})") from e
+        tr.broadcast_weights()
+    curve_path = model_dir / "curve.jsonl"
+    if rank == 0 and curve_path.exists():  # drop entries past the checkpoint we resume from
+        keep = [ln for ln in curve_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
+        curve_path.write_text("".join(k + "\n" for k in keep))
+
+    B = params.batch_size
+    slots: list = [None] * B
+    rng = None
+    t0 = time.perf_counter()
+    examples_done, window_loss, window_n = 0, 0.0, 0
+    loss = float("nan")
+    done = start
+    while done < params.steps:
+        if done % params.checkpoint_every == 0 or rng is None:
+            block = done - done % params.checkpoint_every
+            rng = np.random.default_rng([params.seed, rank, block])
+            slots = [None] * B
+        centers = []
+        for i in range(B):
+            c = slots[i].next_center() if slots[i] is not None else None
+            while c is None:
+                src = sources[int(rng.integers(len(sources)))]
+                slots[i] = src.draw(rng)
+                examples_done += 1
+                c = slots[i].next_center()
+            centers.append(c)
+        xs, ys = zip(*(s.inputs(c) for s, c in zip(slots, centers)))
+        x, y = np.stack(xs), np.stack(ys)
+        lr = scaled_lr(params, size, done)
+        loss, logits = tr.step(x, y, lr)
+        for s, c, lg in zip(slots, centers, logits):
+            s.update(c, lg[..., 0])
+        done += 1
+        window_loss += loss
+        window_n += 1
+        if progress is not None and (done % params.log_every == 0 or done == params.steps):
+            progress(done, params.steps)
+        if rank == 0 and (done % params.log_every == 0 or done == params.steps):
+            el = time.perf_counter() - t0
+            entry = {"step": done, "loss": window_loss / window_n, "lr": lr, "examples": examples_done * size,
+                     "elapsed_s": round(el, 3), "steps_per_s": round((done - start) / max(el, 1e-9), 4)}
+            with open(curve_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if log:
+                log(f"step {done}/{params.steps} loss {entry['loss']:.4f} lr {lr:.2e}")
+            window_loss, window_n = 0.0, 0
+        if done % params.checkpoint_every == 0 or done == params.steps:
+            if rank == 0:
+                tr.save(model_dir, done)
+            if comm is not None:
+                comm.Barrier()
+    el = time.perf_counter() - t0
+    return {"steps": done, "final_loss": loss, "world_size": size, "examples": examples_done * size,
+            "train_s": el, "steps_per_s": (done - start) / max(el, 1e-9), "weights_sha256": weights_digest(tr.model)}
+
+
+def model_summary(model_dir) -> dict:
+    """Config, latest step and last curve entry of a model directory (for catalog/UI)."""
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / "config.json").read_text())
+    ck = latest_checkpoint(model_dir) or {}
+    curve = []
+    p = model_dir / "curve.jsonl"
+    if p.exists():
+        curve = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return {"config": meta, "step": ck.get("step", 0), "last": curve[-1] if curve else None, "n_curve": len(curve)}
+
+
+__all__ = ["TrainParams", "train", "load_model", "scaled_lr", "weights_digest", "latest_checkpoint",
+           "model_summary", "load_config", "LR_SCALINGS"]

@@ -1,0 +1,145 @@
+"""Train stage: fit an FFN on an aligned image volume + ground-truth labels (MPI data parallel).
+
+``mpiexec -n N python -m pipeline_core.stages.train --project P --run R``
+
+Inputs: the run's ``aligned`` product (image, (z, y, x)) and ``labels`` product (ids, same shape).
+With ``--model ID`` the run fine-tunes that model (its weights are the starting point and it is
+recorded as the parent). Output: a ModelVersion in the catalog whose directory
+``PROJECT/models/<model-id>/`` holds config.json, checkpoints and curve.jsonl (see
+:mod:`pipeline_core.ffn.train`). A failed or killed run, started again, resumes from the last
+checkpoint into the same model directory.
+
+When ``holdout_z`` > 0 the last ``holdout_z`` sections are withheld from training; rank 0 then
+segments them with the new model and with the seeded-watershed baseline and records both scores
+(VI, adapted Rand, merges/splits) in the model's and the run's metrics.
+"""
+from __future__ import annotations
+
+from .. import store
+from ..errors import InputError
+from .common import StageContext, stage_main
+
+DEFAULTS: dict = {
+    "preset": "demo",
+    "steps": 2000,
+    "batch_size": 8,
+    "learning_rate": 1e-3,
+    "lr_scaling": "sqrt",
+    "warmup_steps": 50,
+    "checkpoint_every": 100,
+    "seed": 0,
+    "move_threshold": 0.9,
+    "ignore_labels": [0],
+    "holdout_z": 0,
+    "dtype_policy": "float32",
+    "name": "",
+}
+
+PARAM_HELP = {
+    "preset": "network size: tiny | demo | paper (paper = google/ffn size, 33^3 FOV, depth 12, 32 features)",
+    "steps": "optimiser steps (all ranks step together)",
+    "batch_size": "training examples per rank per step",
+    "learning_rate": "Adam step size for one rank",
+    "lr_scaling": "how the learning rate grows with ranks: none | linear | sqrt",
+    "warmup_steps": "linear learning-rate warm-up (steps)",
+    "checkpoint_every": "steps between checkpoints (resume points)",
+    "ignore_labels": "label ids never used as training centres (e.g. 0 = boundary)",
+    "holdout_z": "last N sections withheld from training and used to score the model against the baseline",
+    "dtype_policy": "float32 | mixed_bfloat16",
+}
+
+
+def _existing_model(ctx: StageContext):
+    for m in ctx.catalog.models():
+        if m.run_id == ctx.run_id:
+            return m
+    return None
+
+
+def run(ctx: StageContext) -> dict:
+    from ..ffn import model as ffn_model
+    from ..ffn import train as ffn_train
+    from ..ffn.data import image_stats
+
+    ffn_model.configure_threads(ctx.comm)
+    p = ctx.params
+    img_path, lab_path = ctx.input_path("aligned"), ctx.input_path("labels")
+    meta = store.read_meta(img_path)
+    lmeta = store.read_meta(lab_path)
+    if tuple(meta.shape) != tuple(lmeta.shape):
+        raise InputError(f"{lab_path}: labels shape {tuple(lmeta.shape)} differs from image shape {tuple(meta.shape)}")
+    image = store.read_volume(img_path)
+    labels = store.read_volume(lab_path)
+    hz = int(p["holdout_z"])
+    if hz < 0 or hz >= image.shape[0]:
+        raise InputError(f"--param holdout_z={hz}: must be in [0, {image.shape[0] - 1}]")
+    tr_img, tr_lab = (image[:-hz], labels[:-hz]) if hz else (image, labels)
+    vs = tuple(float(v) for v in meta.voxel_size)
+    mean, std = image_stats(tr_img)
+    cfg = ffn_model.preset(str(p["preset"]), voxel_size=vs, image_mean=mean, image_std=std,
+                           dtype_policy=str(p["dtype_policy"]))
+    isotropic = max(vs) <= 1.5 * min(vs)
+    params = ffn_train.TrainParams(
+        steps=int(p["steps"]), batch_size=int(p["batch_size"]), learning_rate=float(p["learning_rate"]),
+        lr_scaling=str(p["lr_scaling"]), warmup_steps=int(p["warmup_steps"]),
+        checkpoint_every=int(p["checkpoint_every"]), seed=int(p["seed"]), move_threshold=float(p["move_threshold"]),
+        permute_axes=(0, 1, 2) if isotropic else (1, 2), ignore_labels=tuple(int(v) for v in p["ignore_labels"]))
+
+    parent_id = ctx.run.model_id
+    training_data = {"image_product": ctx.input_product("aligned").id, "labels_product": ctx.input_product("labels").id,
+                     "holdout_z": hz, "train_shape": list(tr_img.shape), "voxel_size": list(vs)}
+    model_id = None
+    if ctx.rank == 0:
+        existing = _existing_model(ctx)
+        if existing is None:
+            mv = ctx.catalog.add_model("", preset=str(p["preset"]), name=str(p["name"]) or f"{p['preset']} run {ctx.run_id}",
+                                       parent_id=parent_id, run_id=ctx.run_id, training_data=training_data,
+                                       user=ctx.run.created_by or None)
+            model_id = mv.id
+            ctx.catalog.update_model(model_id, path=ctx.project.relpath(ctx.model_dir(model_id)))
+        else:
+            model_id = existing.id
+    model_id = ctx.bcast(model_id)
+    mdir = ctx.model_dir(model_id)
+    init = None
+    if parent_id is not None:
+        parent_dir = ctx.project.abspath(ctx.catalog.model(parent_id).path)
+        pm, pcfg = ffn_train.load_model(parent_dir)
+        if pcfg.fov != cfg.fov or pcfg.depth != cfg.depth or pcfg.features != cfg.features:
+            raise InputError(f"--model {parent_id}: parent network ({pcfg.preset}) differs from preset {p['preset']}")
+        init = pm.get_weights()
+
+    summary = ffn_train.train(cfg, [(tr_img, tr_lab)], mdir, params, comm=ctx.comm, log=ctx.log if ctx.rank == 0 else None,
+                              metadata={"model_id": model_id, "parent_id": parent_id, "training_data": training_data},
+                              init_weights=init, progress=lambda d, t: ctx.progress(d, t, unit="steps") if ctx.rank == 0 else None)
+    digests = ctx.gather(summary["weights_sha256"])
+    metrics = None
+    if ctx.rank == 0:
+        metrics = {"model_id": model_id, "preset": cfg.preset, "ranks": ctx.size, "steps": summary["steps"],
+                   "final_loss": summary["final_loss"], "examples": summary["examples"],
+                   "steps_per_s": summary["steps_per_s"], "weights_identical_across_ranks": len(set(digests)) == 1}
+        if hz:
+            metrics["holdout"] = _score_holdout(mdir, image[-hz:], labels[-hz:], tr_img, tr_lab, vs, params.ignore_labels)
+        ctx.catalog.update_model(model_id, metrics=metrics, training_data=training_data)
+    ctx.barrier()
+    return metrics
+
+
+def _score_holdout(model_dir, img, lab, tr_img, tr_lab, voxel_size, ignore_labels) -> dict:
+    """FFN vs tuned baseline on held-out sections (baseline tuned on the training sections)."""
+    from .. import baseline, metrics
+    from ..ffn import inference, train as ffn_train
+
+    model, cfg = ffn_train.load_model(model_dir)
+    res = inference.segment(model, cfg, img, inference.InferenceParams(), voxel_size=voxel_size)
+    ffn_scores = metrics.evaluate(res.labels, lab, ignore_gt=ignore_labels)
+    best, _ = baseline.tune_baseline(tr_img, tr_lab, voxel_size=voxel_size, ignore_gt=ignore_labels)
+    base = baseline.seeded_watershed(img, best, voxel_size)
+    base_scores = metrics.evaluate(base, lab, ignore_gt=ignore_labels)
+    return {"ffn": ffn_scores, "baseline": base_scores, "baseline_params": best.to_dict(),
+            "ffn_beats_baseline_vi": bool(ffn_scores["vi"] < base_scores["vi"]),
+            "inference": {k: v for k, v in res.stats.items() if isinstance(v, (int, float))}}
+
+
+if __name__ == "__main__":
+    stage_main("train", run, DEFAULTS)

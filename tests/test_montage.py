@@ -1,0 +1,247 @@
+"""Montage science: accuracy on data with known truth, real tiles, bad input."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from pipeline_core import synth
+from pipeline_core.errors import InputError
+from pipeline_core.montage import (
+    MontageParams,
+    find_pairs,
+    montage_section,
+    register_pair,
+    render_montage,
+    solve_positions,
+)
+from pipeline_core.registration import ncc
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return synth.generate("tiny", seed=0)
+
+
+def _rms_gauge_free(pos, truth, ok=None):
+    """RMS position error (px) after removing the common translation (the montage frame's gauge)."""
+    pos = np.asarray(pos, dtype=float)
+    truth = np.asarray(truth, dtype=float)
+    ok = np.isfinite(pos).all(1) if ok is None else ok
+    e = pos[ok] - truth[ok]
+    e -= e.mean(axis=0)
+    return float(np.sqrt((e**2).sum(1).mean()))
+
+
+def camera_tiles(img, grid=(3, 3), tile=(200, 200), overlap=88, jitter=20.0, seed=0, noise=5.0,
+                 vignetting=0.2, gain=0.1):
+    """Cut a section into camera-like tiles at sub-pixel positions (cubic interpolation),
+    with vignetting, per-tile gain and noise; stage positions = truth + uniform jitter."""
+    rng = np.random.default_rng(seed)
+    th, tw = tile
+    yy, xx = np.mgrid[0:th, 0:tw].astype(np.float64)
+    r2 = ((yy - th / 2) / (th / 2)) ** 2 + ((xx - tw / 2) / (tw / 2)) ** 2
+    vig = 1 - vignetting * r2 / 2
+    tiles, true = [], []
+    for r in range(grid[0]):
+        for c in range(grid[1]):
+            p = np.array([8 + r * (th - overlap), 8 + c * (tw - overlap)], float) + rng.uniform(-3, 3, 2)
+            t = ndi.map_coordinates(img.astype(np.float64), [yy + p[0], xx + p[1]], order=3, mode="reflect")
+            t = t * vig * (1 + rng.uniform(-gain, gain)) + rng.normal(0, noise, t.shape)
+            tiles.append(np.clip(np.rint(t), 0, 255).astype(np.uint8))
+            true.append(p)
+    true = np.array(true)
+    stage = true + rng.uniform(-jitter, jitter, true.shape)
+    return tiles, true, stage
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def test_register_pair_recovers_known_offset(tiny):
+    img = tiny.section_images[0].astype(np.float32)
+    a = img[0:120, 0:120]
+    d = (3.4, 71.7)  # pos_b − pos_a
+    b = ndi.shift(img, (-d[0], -d[1]), order=3)[0:120, 0:120]
+    r = register_pair(a, b, (d[0] + 5.0, d[1] - 4.0), MontageParams())
+    assert r["accepted"], r
+    assert abs(r["offset"][0] - d[0]) < 0.1 and abs(r["offset"][1] - d[1]) < 0.1
+    assert r["peak_ratio"] > 2
+
+
+def test_find_pairs_skips_corners_and_needs_no_grid():
+    pos = np.array([[0, 0], [0, 80], [80, 0], [80, 80], [500, 500]], float)
+    pairs = {(i, j) for i, j, _ in find_pairs(pos, [(100, 100)] * 5, 16)}
+    assert pairs == {(0, 1), (0, 2), (1, 3), (2, 3)}
+
+
+def test_solve_positions_drops_the_inconsistent_pair():
+    truth = np.array([[0, 0], [0, 90], [90, 0], [90, 90]], float)
+    pairs = [(0, 1), (0, 2), (1, 3), (2, 3)]
+    offs = np.array([truth[j] - truth[i] for i, j in pairs])
+    offs[3] += (0, 12.0)  # one wrong measurement
+    stage = truth + np.array([[3, -2], [-4, 1], [2, 2], [0, -3]])
+    pos, res, inl = solve_positions(stage, pairs, offs, max_residual=2.0)
+    assert list(inl) == [True, True, True, False]
+    assert _rms_gauge_free(pos, truth) < 1e-3
+    assert res[3] == pytest.approx(12.0, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- accuracy on known truth
+
+
+def test_synthetic_tiles_positions_within_target(tiny):
+    errs = []
+    for z in range(tiny.tiles.shape[0]):
+        res = montage_section(list(tiny.tiles[z]), tiny.tile_stage_positions[z])
+        assert res.qc["status"] == "ok", res.qc["reasons"]
+        errs.append(_rms_gauge_free(res.positions, tiny.tile_true_positions[z]))
+    # issue target 0.5 px RMS; the peers table asks ≤ 0.15 px
+    assert max(errs) < 0.5
+    assert float(np.sqrt(np.mean(np.square(errs)))) <= 0.15
+
+
+def test_jitter_up_to_20px_from_stage_positions(tiny):
+    """Stage positions jittered by up to ±20 px (beyond the data's own ±8)."""
+    z = 1
+    rng = np.random.default_rng(5)
+    stage = tiny.tile_true_positions[z] + rng.uniform(-20, 20, tiny.tile_true_positions[z].shape)
+    res = montage_section(list(tiny.tiles[z]), stage)
+    assert res.qc["n_rejected_pairs"] == 0
+    assert _rms_gauge_free(res.positions, tiny.tile_true_positions[z]) < 0.5
+
+
+def test_render_reproduces_the_section_without_seams(tiny):
+    z = 2
+    res = montage_section(list(tiny.tiles[z]), tiny.tile_stage_positions[z])
+    # place the render on the canvas frame of the truth: align gauges via the mean offset
+    shift = (tiny.tile_true_positions[z] - res.positions).mean(axis=0)
+    img, origin = render_montage(list(tiny.tiles[z]), res.positions + shift, origin=(0, 0),
+                                 shape=tiny.section_images[z].shape)
+    ref = tiny.section_images[z]
+    inner = (slice(12, -12), slice(12, -12))
+    assert ncc(img[inner], ref[inner]) > 0.95
+    # no seam: the overlap strips (where two tiles blend) match the truth as well as the rest
+    seam_x = int(round(tiny.tile_true_positions[z][1][1] + 16))  # middle of the vertical overlap
+    strip = (slice(12, -12), slice(seam_x - 10, seam_x + 10))
+    assert ncc(img[strip], ref[strip]) > 0.95
+
+
+@pytest.mark.slow
+def test_isbi_camera_tiles_subpixel(shared_data):
+    """Real ssTEM sections cut into camera-like tiles (sub-pixel positions, vignetting, gain,
+    noise, 88 px overlaps, stage jitter ±20 px) — the peers' montage accuracy setting."""
+    import tifffile
+
+    stack = tifffile.imread(shared_data / "isbi2012" / "train_raw.tif")
+    errs = []
+    for z in range(0, 30, 6):
+        tiles, true, stage = camera_tiles(stack[z], seed=z)
+        res = montage_section(tiles, stage)
+        assert res.qc["status"] == "ok", res.qc["reasons"]
+        errs.append(_rms_gauge_free(res.positions, true))
+    rms = float(np.sqrt(np.mean(np.square(errs))))
+    assert rms <= 0.15, errs
+
+
+def test_perftest_real_tiles_match_render_solution(shared_data):
+    """Four real TEMCA tiles: solved translations vs render's solved positions.
+
+    render's solution includes lens correction, a global scan rotation/scale and
+    moving-least-squares terms, so a rigid (translation-only) montage matches it
+    only up to one global affine map, and then within a few px (lens
+    distortion at the tile corners); we require ≤ 3 px RMS after that fit."""
+    import tifffile
+
+    d = shared_data / "montage_render" / "perftest_4tiles_level1"
+    js = json.loads((d / "positions_summary.json").read_text())
+    tiles = [tifffile.imread(d / t["image_level1"]) for t in js["tiles"]]
+    approx = np.array([t["approx_translation_level1"][::-1] for t in js["tiles"]])  # (y, x)
+    mask = tifffile.imread(d / "mask.tif_level_1_mipmap.tif") > 0
+    stage = approx + np.random.default_rng(1).uniform(-15, 15, approx.shape)
+    res = montage_section(tiles, stage, masks=mask, tile_ids=[t["tileId"] for t in js["tiles"]])
+    assert res.qc["status"] == "ok", res.qc["reasons"]
+    A = np.c_[res.positions, np.ones(4)]
+    coef, *_ = np.linalg.lstsq(A, approx, rcond=None)
+    err = A @ coef - approx
+    assert float(np.sqrt((err**2).sum(1).mean())) < 3.0
+    assert res.qc["max_residual_px"] < 1.0
+
+
+def test_pair_16bit_offset(shared_data):
+    from PIL import Image
+
+    d = shared_data / "montage_render" / "pair_16bit"
+    left = np.array(Image.open(d / "16_bit_source_left.png"))
+    right = np.array(Image.open(d / "16_bit_source_right.png"))
+    assert left.dtype == np.uint16
+    res = montage_section([left, right], np.array([[0.0, 0.0], [10.0, 280.0]]))  # stage off by (10, −19)
+    off = res.positions[1] - res.positions[0]
+    assert abs(off[0] - 0) <= 1 and abs(off[1] - 299) <= 1
+    img, _ = render_montage([left, right], res.positions)
+    assert img.dtype == np.uint16 and img.shape[1] >= 699
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _statuses(res):
+    return {i: s for i, s in enumerate(res.tile_status)}
+
+
+def test_blank_missing_and_textureless_cases(tiny):
+    tiles = tiny.tiles
+    stage = tiny.tile_stage_positions
+    # a blank tile (flat grey plus camera noise)
+    t = [x.copy() for x in tiles[0]]
+    t[1] = np.clip(np.random.default_rng(0).normal(120, 3, t[1].shape), 0, 255).astype(np.uint8)
+    r = montage_section(t, stage[0])
+    assert r.tile_status == ["ok", "blank", "ok", "ok"]
+    assert r.qc["status"] == "suspicious" and r.qc["blank_tiles"] == [1]
+    # a missing tile (no data, no stage position)
+    t = [x for x in tiles[1]]
+    t[2] = None
+    st = stage[1].copy()
+    st[2] = np.nan
+    r = montage_section(t, st)
+    assert r.tile_status[2] == "missing" and r.qc["missing_tiles"] == [2]
+    assert r.qc["status"] == "suspicious"
+    assert np.isnan(r.positions[2]).all()
+    img, _ = render_montage(t, r.positions)
+    assert img.shape[0] > 100
+    # a tile with no texture in its overlap with its right neighbour
+    t = [x.copy() for x in tiles[2]]
+    t[0][:, 80:] = 128
+    r = montage_section(t, stage[2])
+    bad = [q for q in r.pairs if not q.accepted]
+    assert [(q.i, q.j, q.reason) for q in bad] == [(0, 1, "low_contrast")]
+    assert r.qc["status"] == "suspicious" and r.qc["n_rejected_pairs"] == 1
+    # untouched sections stay ok
+    assert montage_section(list(tiles[3]), stage[3]).qc["status"] == "ok"
+
+
+def test_blank_section_fails_but_is_reported(tiny):
+    t = [np.full((128, 128), 90, np.uint8) for _ in range(4)]
+    r = montage_section(t, tiny.tile_stage_positions[0])
+    assert r.qc["status"] == "failed"
+    assert set(r.tile_status) == {"blank"}
+    assert np.allclose(r.positions, tiny.tile_stage_positions[0])
+
+
+@pytest.mark.parametrize("bad", [np.full((128, 128), np.nan, np.float32), np.zeros(128, np.uint8),
+                                 np.array([["a"] * 16] * 16)])
+def test_corrupt_tile_is_a_one_line_error(tiny, bad):
+    t = [x for x in tiny.tiles[0]]
+    t[3] = bad
+    with pytest.raises(InputError) as e:
+        montage_section(t, tiny.tile_stage_positions[0], section=7, tile_ids=["a", "b", "c", "d"])
+    msg = str(e.value)
+    assert "\n" not in msg and "section 7 tile d" in msg
+
+
+def test_bad_parameter_names_itself():
+    with pytest.raises(InputError, match="interpolation"):
+        MontageParams.from_dict({"interpolation": "cubic"})
