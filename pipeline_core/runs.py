@@ -47,10 +47,30 @@ def parse_param_args(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def resolve_inputs(project: Project, stage: str, input_ids: Sequence[int] = ()) -> list[int]:
-    """Product ids for a run: the given ones, else the newest approved of each kind the stage needs."""
+def _matching_labels(project: Project, aligned) -> int | None:
+    """Ground-truth ids in the frame of ``aligned``: approved ones first, else those of its own run."""
     cat = project.catalog
-    needed = STAGES[stage]["inputs"]
+    same = [p for p in cat.products("labels") if p.complete and list(p.shape) == list(aligned.shape)]
+    approved = [p for p in same if cat.product_review_state(p) == "approved"]
+    own = [p for p in same if p.run_id is not None and p.run_id == aligned.run_id]
+    for group in (approved, own):
+        if group:
+            return max(group, key=lambda p: p.id).id
+    return None
+
+
+def resolve_inputs(project: Project, stage: str, input_ids: Sequence[int] = ()) -> list[int]:
+    """Product ids for a run: the given ones, else the newest approved of each kind the stage needs.
+
+    Labels (ground truth) must share the image's frame: by default the newest approved labels
+    product of the aligned product's shape is taken (e.g. the synthetic truth that the align stage
+    carried into its canvas), falling back to the aligned product's own run. ``segment`` takes such
+    labels, when they exist, to score its result.
+    """
+    cat = project.catalog
+    needed = list(STAGES[stage]["inputs"])
+    if stage == "segment":
+        needed.append("labels")
     chosen = [int(i) for i in input_ids]
     for pid in chosen:
         cat.product(pid)  # raises a clear error for an unknown id
@@ -58,8 +78,15 @@ def resolve_inputs(project: Project, stage: str, input_ids: Sequence[int] = ()) 
     for kind in needed:
         if kind in have:
             continue
-        if stage == "segment" and kind == "labels":
-            continue
+        if kind == "labels":
+            aligned = [cat.product(pid) for pid in chosen if cat.product(pid).kind == "aligned"]
+            if aligned:
+                m = _matching_labels(project, aligned[0])
+                if m is not None:
+                    chosen.append(m)
+                    continue
+            if stage == "segment":
+                continue
         p = cat.newest_approved(kind)
         if p is None:
             newest = cat.newest_product(kind)

@@ -1,4 +1,6 @@
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,3 +14,32 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real EM data not available: {SHARED_DATA} is absent (only on the lab's dev machines)")
     return SHARED_DATA
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real one-node Slurm (munged, slurmctld, slurmd) on free ports, stopped at the end (tests/slurm_cluster.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from slurm_cluster import SlurmCluster, missing_reason
+    reason = missing_reason()
+    if reason:
+        pytest.skip(f"real Slurm not available here: {reason}")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), ctld_port=_free_port(), slurmd_port=_free_port())
+    cluster.start()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+    assert cluster.pids() == {}

@@ -20,39 +20,12 @@ import pytest
 from launch import jobs
 from pipeline_core.errors import GateError
 from pipeline_core.project import Project
-from slurm_cluster import SlurmCluster, missing_reason
 
 pytestmark = pytest.mark.mpi
 
 REPO = Path(__file__).resolve().parents[1]
 JOBPROGS = str(Path(__file__).resolve().parent / "jobprogs")
 PROBE = {"module": "mpi_probe", "env": {"PYTHONPATH": JOBPROGS}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    reason = missing_reason()
-    if reason:
-        pytest.skip(f"real Slurm not available here: {reason}")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), ctld_port=_free_port(), slurmd_port=_free_port())
-    cluster.start()
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
-    assert cluster.pids() == {}
 
 
 @pytest.fixture(params=["local", pytest.param("slurm", marks=pytest.mark.slurm)])
@@ -145,15 +118,19 @@ def test_failing_job_keeps_exit_code_and_log_tail(project, backend, tiny_em):
     jid = jobs.submit(project, rid, backend, ranks=2, wait=True)
     job = project.catalog.job(jid)
     assert job.state == "failed"
-    assert job.exit_code == 1  # an unexpected error in a stage → stage_main → MPI_Abort(1)
-    assert "does not exist" in job.stderr_tail
+    assert job.exit_code == 2  # bad input in a stage → InputError → stage_main → MPI_Abort(2)
+    assert "is missing on disk" in job.stderr_tail
     run = project.catalog.run(rid)
-    assert run.state == "failed" and "does not exist" in run.error
-    assert "does not exist" in jobs.logs(project, jid, tail=5, stream="stderr")
+    assert run.state == "failed" and "is missing on disk" in run.error
+    assert "is missing on disk" in jobs.logs(project, jid, tail=5, stream="stderr")
     # the stage's own exit code comes through too (EmloopError → 2)
     rid2 = _run(project, sleep_s=0.1, fail=True)
     job2 = project.catalog.job(jobs.submit(project, rid2, backend, ranks=2, wait=True, **PROBE))
     assert job2.state == "failed" and job2.exit_code == 2 and "deliberate failure" in job2.stderr_tail
+    # an unexpected exception in a stage → traceback in the log, MPI_Abort(1)
+    rid3 = _run(project, sleep_s=0.1, crash=True)
+    job3 = project.catalog.job(jobs.submit(project, rid3, backend, ranks=2, wait=True, **PROBE))
+    assert job3.state == "failed" and job3.exit_code == 1 and "ZeroDivisionError" in job3.stderr_tail
 
 
 def test_cancel_leaves_no_process_and_second_submission_refused(project, backend):

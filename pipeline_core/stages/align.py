@@ -303,9 +303,57 @@ def _finish(ctx, p, Z, H, W, T, V, ys, xs, pair_info, out) -> dict:
     store.write_json_atomic(ctx.run_dir / "transforms.json", tr)
     metrics = _metrics(qcs, pair_info, p)
     metrics["content_hash"] = digest
+    gt = _carry_groundtruth(ctx, out)
+    if gt:
+        metrics["groundtruth"] = gt
     metrics["product_id"] = ctx.register_output(out, "aligned", n_suspicious=metrics["summary"]["n_suspicious"],
                                                 n_failed=metrics["summary"]["n_failed"])
     return metrics
+
+
+def _carry_groundtruth(ctx, out) -> dict | None:
+    """Ground-truth ids of the aligned frame (e.g. the synthetic truth) carried into this product's canvas.
+
+    Recorded as a ``labels`` product of this run (so it is approved with the alignment) before the
+    aligned product itself, which stays the run's output. See :mod:`pipeline_core.groundtruth`.
+    """
+    from .. import groundtruth
+    cands = [pr for pr in ctx.catalog.products("labels")
+             if (pr.meta or {}).get("groundtruth") and (pr.meta or {}).get("frame") == "aligned" and pr.complete]
+    if not cands:
+        return None
+    src = max(cands, key=lambda pr: pr.id)
+    meta = store.read_meta(out)
+    if tuple(src.shape) == tuple(meta.shape):
+        return {"labels_product": src.id, "offset": [0, 0], "note": "same frame"}
+    if len(src.shape) != 3 or src.shape[0] != meta.shape[0] or src.shape[1] > meta.shape[1] or src.shape[2] > meta.shape[2]:
+        return {"labels_product": src.id, "carried": False, "note": f"labels {tuple(src.shape)} do not fit {tuple(meta.shape)}"}
+    image = store.read_volume(out)
+    labels = store.read_volume(ctx.project.abspath(src.path))
+    oy, ox, score = groundtruth.find_offset(image, labels)
+    info = {"labels_product": src.id, "offset": [oy, ox], "score": round(score, 4)}
+    if score < groundtruth.MIN_SCORE:
+        ctx.log(f"ground truth {src.id} not carried: boundary match score {score:.2f} < {groundtruth.MIN_SCORE}")
+        info["carried"] = False
+        return info
+    dst = ctx.run_dir / "groundtruth.ome.zarr"
+    for pr in ctx.catalog.products("labels"):  # a resumed run recorded it already
+        if pr.run_id == ctx.run_id:
+            info.update(carried=True, product_id=pr.id)
+            return info
+    digest = store.write_volume(dst, groundtruth.carry_into(labels, tuple(meta.shape), (oy, ox)), meta.voxel_size,
+                                kind="labels", provenance={"stage": "align", "run": ctx.run_id, "source_labels": src.id,
+                                                           "offset_yx": [oy, ox], "match_score": score},
+                                overwrite=True)
+    m = store.read_meta(dst)
+    pid = ctx.catalog.add_product("labels", ctx.project.relpath(dst), run_id=ctx.run_id, shape=m.shape, dtype=m.dtype,
+                                  voxel_size=m.voxel_size, content_hash=digest, complete=True,
+                                  meta={"groundtruth": True, "frame": f"align run {ctx.run_id}", "source_labels": src.id,
+                                        "offset_yx": [oy, ox], "match_score": round(score, 4)},
+                                  user=ctx.run.created_by or None).id
+    ctx.log(f"ground truth {src.id} carried into the aligned frame at offset {(oy, ox)} (score {score:.2f}) as product {pid}")
+    info.update(carried=True, product_id=pid)
+    return info
 
 
 def _transforms_record(T, V, ys, xs, qcs, shape) -> dict:

@@ -106,7 +106,12 @@ class StageContext:
         raise InputError(f"run {self.run_id} ({self.stage}) has no input product of kind {kind!r}")
 
     def input_path(self, kind: str) -> Path:
-        return self.project.abspath(self.input_product(kind).path)
+        prod = self.input_product(kind)
+        path = self.project.abspath(prod.path)
+        if not path.exists():
+            raise InputError(f"{path}: input {kind} product {prod.id} of run {self.run_id} is missing on disk "
+                             "(moved or deleted?)")
+        return path
 
     def has_input(self, kind: str) -> bool:
         return any(p.kind == kind for p in self.input_products)
@@ -142,7 +147,7 @@ class StageContext:
         if self.rank == 0:
             buf = np.frombuffer(win.tomemory(), dtype=np.int64)
             buf[0] = 0
-        self.comm.Barrier()
+        quiet_barrier(self.comm)
         one = np.ones(1, dtype=np.int64)
         got = np.zeros(1, dtype=np.int64)
         try:
@@ -155,12 +160,12 @@ class StageContext:
                     break
                 yield i
         finally:
-            self.comm.Barrier()
+            quiet_barrier(self.comm)
             win.Free()
 
     def barrier(self) -> None:
         if self.comm is not None:
-            self.comm.Barrier()
+            quiet_barrier(self.comm)
 
     def gather(self, obj) -> list | None:
         if self.comm is None:
@@ -230,6 +235,20 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
     return {"done": done, "total": total, "percent": round(pct, 1), "unit": unit, "ranks": ranks}
 
 
+def quiet_barrier(comm, poll_s: float = 0.005) -> None:
+    """A barrier that sleeps while it waits.
+
+    MPICH's ``Barrier`` spins a core at 100 % until the slowest rank arrives; with as
+    many ranks as cores (the common case on a workstation, and for ranks that finished
+    their share early) that steals the core a still-working rank's threads need.
+    """
+    if comm is None or comm.Get_size() == 1:
+        return
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(poll_s)
+
+
 def _get_comm():
     try:
         from mpi4py import MPI
@@ -261,7 +280,7 @@ def stage_main(stage: str, run_fn: Callable[[StageContext], dict | None], defaul
             project.catalog.set_run_state(args.run, "running", user=run.created_by or None)
             project.run_dir(args.run)
         if comm is not None:
-            comm.Barrier()
+            quiet_barrier(comm)
         params = coerce_params(defaults, run.params, stage)
         ctx = StageContext(project, args.run, stage, params, comm)
         if rank == 0:
@@ -269,7 +288,7 @@ def stage_main(stage: str, run_fn: Callable[[StageContext], dict | None], defaul
                                                             "params": params})
         metrics = run_fn(ctx)
         if comm is not None:
-            comm.Barrier()
+            quiet_barrier(comm)
         if rank == 0:
             metrics = metrics or {}
             write_json_atomic(ctx.run_dir / "metrics.json", metrics)
