@@ -74,3 +74,80 @@ def carry_into(labels: np.ndarray, shape: tuple[int, int, int], offset: tuple[in
     _, h, w = labels.shape
     out[:, oy:oy + h, ox:ox + w] = labels
     return out
+
+
+def _bilinear_clamped(ys: np.ndarray, xs: np.ndarray, field: np.ndarray, qy: np.ndarray, qx: np.ndarray) -> np.ndarray:
+    """``field`` (ny, nx, C) on the regular node grid ``ys`` × ``xs`` interpolated bilinearly at (qy, qx),
+    clamped at the border."""
+    from scipy import ndimage as ndi
+
+    fy = (qy - ys[0]) / (ys[1] - ys[0]) if ys.size > 1 else np.zeros_like(qy)
+    fx = (qx - xs[0]) / (xs[1] - xs[0]) if xs.size > 1 else np.zeros_like(qx)
+    fy = np.clip(fy, 0, ys.size - 1)
+    fx = np.clip(fx, 0, xs.size - 1)
+    return np.stack([ndi.map_coordinates(field[..., k], [fy, fx], order=1, mode="nearest")
+                     for k in range(field.shape[-1])], axis=-1)
+
+
+def carry_by_transforms(labels: np.ndarray, shape: tuple[int, int, int], transforms: dict, tile_positions: dict,
+                        true_positions: np.ndarray, section_transforms: np.ndarray, canvas_shape: tuple[int, int],
+                        canvas_offset: tuple[float, float]) -> np.ndarray:
+    """Ground-truth ids resampled into an aligned product exactly, through every solved transform.
+
+    For synthetic data the whole chain is known: an aligned pixel ``q`` of section z came from
+    montage pixel ``u = rigid⁻¹ (q + elastic(q))`` (the align run's ``transforms.json``); the montage
+    pixel is section-canvas pixel ``u + d`` where ``d`` is the mean difference between the true and the
+    solved tile corners (the montage run's ``tile_positions.json``); the canvas pixel ``v`` shows the
+    true volume at ``R(θ)(v − c) + c + t`` (the generator's section transform) minus the aligned
+    frame's ``canvas_offset``. Nearest-neighbour sampling; 0 outside the labelled volume.
+    """
+    from .synth import rotation_matrix
+
+    Z, H, W = shape
+    out = np.zeros(shape, dtype=labels.dtype)
+    ny, nx = np.asarray(transforms.get("node_ys", []), float), np.asarray(transforms.get("node_xs", []), float)
+    qy, qx = np.meshgrid(np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64), indexing="ij")
+    c = np.array([(canvas_shape[0] - 1) / 2.0, (canvas_shape[1] - 1) / 2.0])
+    secs = {int(s["section"]): s for s in transforms["sections"]}
+    tiles = {int(s["section"]): s for s in tile_positions["sections"]}
+    from scipy import ndimage as ndi
+
+    for z in range(Z):
+        s, tp = secs.get(z), tiles.get(z)
+        if s is None or tp is None or s.get("rigid") is None:
+            continue
+        ey, ex = qy, qx
+        if s.get("elastic_dydx") is not None and ny.size and nx.size:
+            e = _bilinear_clamped(ny, nx, np.asarray(s["elastic_dydx"], float), qy, qx)
+            ey, ex = qy + e[..., 0], qx + e[..., 1]
+        Minv = np.linalg.inv(np.asarray(s["rigid"], float))
+        uy = Minv[0, 0] * ey + Minv[0, 1] * ex + Minv[0, 2]
+        ux = Minv[1, 0] * ey + Minv[1, 1] * ex + Minv[1, 2]
+        diffs = [np.asarray(true_positions[z][i], float) - np.array([t["y"], t["x"]], float)
+                 for i, t in enumerate(tp["tiles"]) if t.get("y") is not None and t.get("status") != "missing"]
+        if not diffs:
+            continue
+        d = np.mean(diffs, axis=0)
+        vy, vx = uy + d[0] - c[0], ux + d[1] - c[1]
+        theta, ty, tx = (float(v) for v in section_transforms[z])
+        R = rotation_matrix(theta)
+        wy = R[0, 0] * vy + R[0, 1] * vx + c[0] + ty - canvas_offset[0]
+        wx = R[1, 0] * vy + R[1, 1] * vx + c[1] + tx - canvas_offset[1]
+        out[z] = ndi.map_coordinates(labels[z], [np.rint(wy), np.rint(wx)], order=0, mode="constant", cval=0)
+    return out
+
+
+def match_score(image: np.ndarray, labels: np.ndarray) -> float:
+    """Mean per-section correlation between the labels' boundaries and the image's darkness (where labelled)."""
+    scores = []
+    b = boundaries(labels)
+    for z in range(image.shape[0]):
+        m = labels[z] > 0
+        if m.sum() < 100:
+            continue
+        d = -image[z][m].astype(np.float64)
+        bb = b[z][m].astype(np.float64)
+        if d.std() == 0 or bb.std() == 0:
+            continue
+        scores.append(float(np.corrcoef(d, bb)[0, 1]))
+    return float(np.mean(scores)) if scores else 0.0

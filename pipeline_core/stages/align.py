@@ -330,8 +330,15 @@ def _carry_groundtruth(ctx, out) -> dict | None:
         return {"labels_product": src.id, "carried": False, "note": f"labels {tuple(src.shape)} do not fit {tuple(meta.shape)}"}
     image = store.read_volume(out)
     labels = store.read_volume(ctx.project.abspath(src.path))
-    oy, ox, score = groundtruth.find_offset(image, labels)
-    info = {"labels_product": src.id, "offset": [oy, ox], "score": round(score, 4)}
+    carried = _carry_exact(ctx, labels, tuple(meta.shape))
+    if carried is not None:
+        info = {"labels_product": src.id, "method": "solved transforms (montage + align) and the generator's truth"}
+    else:
+        oy, ox, _ = groundtruth.find_offset(image, labels)
+        carried = groundtruth.carry_into(labels, tuple(meta.shape), (oy, ox))
+        info = {"labels_product": src.id, "method": "translation by boundary/membrane correlation", "offset": [oy, ox]}
+    score = groundtruth.match_score(image, carried)
+    info["score"] = round(score, 4)
     if score < groundtruth.MIN_SCORE:
         ctx.log(f"ground truth {src.id} not carried: boundary match score {score:.2f} < {groundtruth.MIN_SCORE}")
         info["carried"] = False
@@ -341,19 +348,41 @@ def _carry_groundtruth(ctx, out) -> dict | None:
         if pr.run_id == ctx.run_id:
             info.update(carried=True, product_id=pr.id)
             return info
-    digest = store.write_volume(dst, groundtruth.carry_into(labels, tuple(meta.shape), (oy, ox)), meta.voxel_size,
+    digest = store.write_volume(dst, carried, meta.voxel_size,
                                 kind="labels", provenance={"stage": "align", "run": ctx.run_id, "source_labels": src.id,
-                                                           "offset_yx": [oy, ox], "match_score": score},
+                                                           "method": info["method"], "match_score": score},
                                 overwrite=True)
     m = store.read_meta(dst)
     pid = ctx.catalog.add_product("labels", ctx.project.relpath(dst), run_id=ctx.run_id, shape=m.shape, dtype=m.dtype,
                                   voxel_size=m.voxel_size, content_hash=digest, complete=True,
                                   meta={"groundtruth": True, "frame": f"align run {ctx.run_id}", "source_labels": src.id,
-                                        "offset_yx": [oy, ox], "match_score": round(score, 4)},
+                                        "method": info["method"], "match_score": round(score, 4)},
                                   user=ctx.run.created_by or None).id
-    ctx.log(f"ground truth {src.id} carried into the aligned frame at offset {(oy, ox)} (score {score:.2f}) as product {pid}")
+    ctx.log(f"ground truth {src.id} carried into the aligned frame ({info['method']}; score {score:.2f}) as product {pid}")
     info.update(carried=True, product_id=pid)
     return info
+
+
+def _carry_exact(ctx, labels, shape):
+    """Labels resampled through the solved transforms when the raw tiles carry the generator's truth, else None."""
+    import ast
+
+    from .. import groundtruth
+    from ..ingest import read_tiles
+    try:
+        montage = ctx.input_product("montage")
+        mrun = ctx.catalog.run(montage.run_id)
+        tiles_pid = [pid for pid in mrun.input_product_ids if ctx.catalog.product(pid).kind == "raw_tiles"][0]
+        t = read_tiles(ctx.project.abspath(ctx.catalog.product(tiles_pid).path))
+        gt, gm = t["groundtruth"], t["meta"].get("groundtruth", {})
+        canvas_shape = ast.literal_eval(str(gm["synth_params"]["canvas_shape"]))
+        tile_positions = json.loads((ctx.project.run_dir(mrun.id) / "tile_positions.json").read_text())
+        rec = json.loads((ctx.run_dir / "transforms.json").read_text())
+        return groundtruth.carry_by_transforms(labels, shape, rec, tile_positions, gt["true_positions"],
+                                               gt["section_transforms"], canvas_shape, gm["canvas_offset"])
+    except (KeyError, IndexError, ValueError, FileNotFoundError, SyntaxError) as e:
+        ctx.log(f"ground truth: no exact transform chain ({type(e).__name__}: {e}); falling back to correlation")
+        return None
 
 
 def _transforms_record(T, V, ys, xs, qcs, shape) -> dict:
