@@ -452,6 +452,10 @@ def refresh_job(project: Project | str | os.PathLike, job_id: int, obs: Observat
         tail = tail_text(err) if err else ""
         if tail:
             fields["stderr_tail"] = tail
+            if fields["state"] == "failed":  # the stage's own one-line error says more than MPI_Abort's
+                errs = [ln[len("error: "):].strip() for ln in tail.splitlines() if ln.startswith("error: ")]
+                if errs:
+                    fields["message"] = errs[-1][:2000]
         backends.forget_aux_files(job.backend, job.native_id, wd)
         _live.pop((str(p.root), job_id), None)
     changed = {k: v for k, v in fields.items() if getattr(job, k) != v}

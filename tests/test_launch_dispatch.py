@@ -120,6 +120,7 @@ def test_failing_job_keeps_exit_code_and_log_tail(project, backend, tiny_em):
     assert job.state == "failed"
     assert job.exit_code == 2  # bad input in a stage → InputError → stage_main → MPI_Abort(2)
     assert "is missing on disk" in job.stderr_tail
+    assert "is missing on disk" in job.message and "MPI_Abort" not in job.message  # what the reviewer reads
     run = project.catalog.run(rid)
     assert run.state == "failed" and "is missing on disk" in run.error
     assert "is missing on disk" in jobs.logs(project, jid, tail=5, stream="stderr")

@@ -35,3 +35,19 @@ def test_pipeline_core_has_no_ui_or_scheduler_imports():
     bad = re.compile(r"^\s*(from|import)\s+(panel|holoviews|bokeh|neuroglancer|psij|launch|dashboard|viewers)\b", re.M)
     for f in (ROOT / "pipeline_core").rglob("*.py"):
         assert not bad.search(f.read_text()), f"{f} imports UI/scheduler code"
+
+
+def test_readme_documents_every_command():
+    """Every `emloop` command (and subcommand) appears in the README's command table."""
+    import click
+
+    from launch.cli import main
+    readme = (ROOT / "README.md").read_text()
+    missing = []
+    for name, cmd in main.commands.items():
+        subs = cmd.commands if isinstance(cmd, click.Group) else {}
+        for full in ([f"emloop {name} {s}" for s in subs] or [f"emloop {name}"]):
+            if full not in readme and not (isinstance(cmd, click.Group) and f"emloop {name} " in readme
+                                           and all(s in readme for s in subs)):
+                missing.append(full)
+    assert not missing, f"README lacks: {missing}"
