@@ -1,6 +1,7 @@
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,31 @@ def slurm_cluster(tmp_path_factory):
         else:
             os.environ["SLURM_CONF"] = old
     assert cluster.pids() == {}
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--enable-unsafe-swiftshader"]
+
+
+@pytest.fixture(scope="session")
+def chromium_browser():
+    """Debian's chromium driven by playwright (never `playwright install`); skips with the reason when absent."""
+    if not CHROMIUM.exists():
+        pytest.skip("browser test needs Debian chromium at /usr/bin/chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="browser test needs the playwright package")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def wait_until(fn, timeout=60.0, every=0.25):
+    """Poll ``fn`` until it returns something truthy (or the timeout passes); returns its last value."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = fn()
+        if v:
+            return v
+        time.sleep(every)
+    return fn()

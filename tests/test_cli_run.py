@@ -105,7 +105,7 @@ def test_users_add_and_list(tiny):
 
 @pytest.mark.slurm
 def test_montage_through_real_slurm_matches_local(tiny, slurm_cluster):
-    local = em("run", "montage", tiny, "--ranks", "1", "--wait")
+    em("run", "montage", tiny, "--ranks", "1", "--wait")
     slurm = em("run", "montage", tiny, "--backend", "slurm", "--ranks", "2", "--wait")
     assert "[slurm, 2 ranks]" in slurm.stdout, slurm.stdout
     st = status(tiny)

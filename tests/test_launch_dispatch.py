@@ -9,7 +9,6 @@ a small MPI entry point through the same pipeline_core.stages.common.stage_main.
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
