@@ -15,8 +15,14 @@ from pipeline_core.ffn import inference, model, train
 
 pytestmark = pytest.mark.slow
 
-STEPS = 600  # 1-3 minutes on 2 shared cores
-INFER = dict(move_threshold=0.8, segment_threshold=0.5, max_evals_per_object=300, min_size=200)
+STEPS = 600  # ~2.5 minutes on one core
+CAP = 1000  # FOV evaluations per object: bounds the run time of a poorly trained net; see below
+# max_evals_per_object must not cut large objects short: with a cap of 300 (and the FOV step 3) even a
+# ground-truth oracle network scored VI 2.5 (split 2.35) on this crop, because every large object
+# stopped growing and was re-seeded in pieces. A FOV step of 5 at inference with
+# move_center_threshold=0.5 keeps the oracle at VI ~0.14 with ~4x fewer FOV evaluations.
+INFER = dict(move_threshold=0.8, segment_threshold=0.5, max_evals_per_object=CAP, min_size=200, move_center_threshold=0.5)
+INFER_DELTAS = (5, 5, 5)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def scores(gala, tmp_path_factory):
     test_img = gala["test_raw"][:, :, :100]
     test_gt = gala["test_gt_neuron_ids"][:, :, :100]
     m, cfg = train.load_model(mdir)
-    res = inference.segment(m, cfg, test_img, inference.InferenceParams(**INFER))
+    res = inference.segment(m, cfg.replace(deltas=INFER_DELTAS), test_img, inference.InferenceParams(**INFER))
     ffn = metrics.evaluate(res.labels, test_gt, ignore_gt=(0,))
     best, _ = baseline.tune_baseline(gala["train_raw"], gala["train_gt_neuron_ids"],
                                      grid={"sigma": (1.0,), "interior_quantile": (0.2, 0.35), "min_seed_distance": (6, 10)})
@@ -59,8 +65,41 @@ def test_demo_ffn_learns_and_is_scored(scores):
     assert scores["stats"]["fraction_segmented"] > 0.3 and scores["stats"]["objects"] > 10
 
 
-@pytest.mark.xfail(strict=False, reason="measured 2026-11: a demo FFN trained for minutes on 2 CPU cores reaches "
-                   "VI ~2.9 on the gala test block, the tuned watershed 1.3-1.5 (even after 8000 steps); see bench/ffn.py")
+@pytest.mark.xfail(strict=False, reason="measured 2026-11-27 on one core: after 600 steps the demo FFN has not learnt "
+                   "to stop at membranes (first-FOV p(object) 0.81 in the seed's object, 0.64 in other cells, 0.58 on "
+                   "membranes), so it merges: VI ~5 (split 1.6, merge 3.4) vs the tuned watershed's 1.25 on this "
+                   "crop; with the old 300-evaluation cap even a perfect (oracle) network scored VI 2.5. See bench/ffn.py")
 def test_demo_ffn_beats_baseline_on_held_out_block(scores):
     ffn, base = scores["ffn"], scores["baseline"]
     assert ffn["vi"] < base["vi"], f"demo FFN VI {ffn['vi']:.3f} does not beat the baseline's {base['vi']:.3f}"
+
+
+def _oracle_forward(x):
+    """A perfect network: channel 0 packs (ground-truth index + 1) * 1000 + raw intensity; the output
+    mask is the ground-truth object holding most of the current mask (index 1 = gt 0 = boundary: none)."""
+    lab = np.floor(x[..., 0].astype(np.float64) / 1000.0 + 1e-9).astype(np.int64)
+    out = np.full(x.shape[:-1] + (1,), -4.0, np.float32)
+    for b in range(len(x)):
+        sel = lab[b][x[b, ..., 1] > 0]
+        if sel.size:
+            k = int(np.bincount(sel).argmax())
+            if k != 1:
+                out[b, ..., 0][lab[b] == k] = 4.0
+    return out
+
+
+def test_flood_fill_loop_with_oracle_network_on_held_out_crop(gala):
+    """The inference loop itself (seeds, moves, evaluation cap, acceptance) with the quality test's
+    settings must not lose what a perfect network knows: a 300-evaluation cap used to split every
+    large object (oracle VI 2.5 on this crop)."""
+    test_img = gala["test_raw"][:, :, :100]
+    test_gt = gala["test_gt_neuron_ids"][:, :, :100]
+    _, inv = np.unique(test_gt, return_inverse=True)
+    packed = ((inv.reshape(test_gt.shape) + 1).astype(np.float64) * 1000.0 + test_img).astype(np.float32)
+    cfg = model.preset("demo", deltas=INFER_DELTAS, image_mean=0.0, image_std=1.0)
+    p = inference.InferenceParams(**INFER)
+    res = inference.FloodFiller(_oracle_forward, cfg, p).segment(packed, seeds=inference.find_seeds(test_img, p))
+    e = metrics.evaluate(res.labels, test_gt, ignore_gt=(0,))
+    print(f"oracle network, quality-test inference settings: VI {e['vi']:.3f} (split {e['vi_split']:.3f}, "
+          f"merge {e['vi_merge']:.3f}), {res.stats['fov_evals']} FOV evaluations")
+    assert e["vi"] < 0.3, e
