@@ -29,7 +29,7 @@ DEMO_USERS = (("demo", "admin", "emloop-demo"), ("reviewer", "proofreader", "eml
               ("guest", "viewer", "emloop-guest"))
 OVERRIDE = "demo: unattended run before anyone reviewed the input (make demo)"
 TRAIN = {"preset": "demo", "steps": "600", "checkpoint_every": "100"}
-SEGMENT = {"max_evals_per_object": "300", "baseline": "true"}
+SEGMENT = {"max_evals_per_object": "1000", "baseline": "true"}
 
 
 def say(msg: str) -> None:
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--project", default="demo_project", help="project folder [demo_project]")
     ap.add_argument("--size", default="demo", help="synthetic size: tiny | small | demo [demo]")
     ap.add_argument("--ranks", type=int, default=2, help="MPI ranks per stage [2]")
-    ap.add_argument("--roi", default="0,16,0,256,0,256",
-                    help="segment this region z0,z1,y0,y1,x0,x1 of the aligned stack ('' = all) [0,16,0,256,0,256]")
+    ap.add_argument("--roi", default="16,32,384,640,384,640",
+                    help="segment this region z0,z1,y0,y1,x0,x1 of the aligned stack ('' = all) [16,32,384,640,384,640]")
     ap.add_argument("--train-steps", type=int, default=int(TRAIN["steps"]), help=f"FFN training steps [{TRAIN['steps']}]")
     ap.add_argument("--preset", default=TRAIN["preset"], help=f"FFN preset: tiny | demo | paper [{TRAIN['preset']}]")
     ap.add_argument("--port", type=int, default=5006)

@@ -226,6 +226,32 @@ class Job(Base):
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class TrainingSet(Base):
+    """A versioned set of training regions built from reviewed flags and edits of one segmentation.
+
+    ``path`` (relative to the project root) is a zarr group with ``image_<k>`` / ``labels_<k>``
+    arrays per region (z, y, x); ``flag_ids`` / ``edit_ids`` are the reviews it came from, so a
+    model trained on it (``ModelVersion.training_data["training_set"]``) is traceable to them.
+    """
+    __tablename__ = "training_sets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    name: Mapped[str] = mapped_column(String(256), default="")
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    source_product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))   # lineage root reviewed
+    labels_product_id: Mapped[int] = mapped_column(ForeignKey("products.id"))   # corrected version used
+    image_product_id: Mapped[int | None] = mapped_column(ForeignKey("products.id"), nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    flag_ids: Mapped[list] = mapped_column(JSON, default=list)
+    edit_ids: Mapped[list] = mapped_column(JSON, default=list)
+    excluded_flag_ids: Mapped[list] = mapped_column(JSON, default=list)
+    regions: Mapped[list] = mapped_column(JSON, default=list)
+    content_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[_dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class AuditEvent(Base):
     __tablename__ = "audit"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -773,6 +799,51 @@ class Catalog:
         def fn(s):
             m = s.scalars(select(ModelVersion).where(ModelVersion.is_current.is_(True))).first()
             return m or s.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).first()
+        return self.read(fn)
+
+    # -- training sets -----------------------------------------------------------------
+    def add_training_set(self, path: str, *, source_product_id: int, labels_product_id: int,
+                         image_product_id: int | None = None, flag_ids=(), edit_ids=(), excluded_flag_ids=(),
+                         regions=(), content_hash: str | None = None, name: str = "", meta: dict | None = None,
+                         user: str | None = None) -> TrainingSet:
+        """Record a training set; its version counts up per source segmentation."""
+        user = user or default_user()
+
+        def fn(s):
+            for pid in (source_product_id, labels_product_id):
+                if s.get(Product, pid) is None:
+                    raise InputError(f"no product with id {pid}")
+            proj = s.scalars(select(Project)).first()
+            prev = s.scalars(select(TrainingSet).where(TrainingSet.source_product_id == source_product_id)
+                             .order_by(TrainingSet.version.desc())).first()
+            ts = TrainingSet(project_id=proj.id, name=name, version=(prev.version + 1) if prev else 1,
+                             source_product_id=source_product_id, labels_product_id=labels_product_id,
+                             image_product_id=image_product_id, path=str(path),
+                             flag_ids=[int(i) for i in flag_ids], edit_ids=[int(i) for i in edit_ids],
+                             excluded_flag_ids=[int(i) for i in excluded_flag_ids],
+                             regions=json.loads(json.dumps(list(regions), default=float)),
+                             content_hash=content_hash, meta=json.loads(json.dumps(meta or {}, default=float)),
+                             created_by=user)
+            s.add(ts)
+            s.flush()
+            self._audit(s, user, "training_set_add", "training_set", ts.id, source_product=source_product_id,
+                        labels_product=labels_product_id, version=ts.version, flag_ids=ts.flag_ids,
+                        edit_ids=ts.edit_ids, excluded_flag_ids=ts.excluded_flag_ids, path=str(path))
+            return ts
+        return self._write(fn)
+
+    def training_set(self, ts_id: int) -> TrainingSet:
+        ts = self.read(lambda s: s.get(TrainingSet, int(ts_id)))
+        if ts is None:
+            raise InputError(f"--training-set: no training set with id {ts_id}")
+        return ts
+
+    def training_sets(self, source_product_id: int | None = None) -> list[TrainingSet]:
+        def fn(s):
+            q = select(TrainingSet).order_by(TrainingSet.id)
+            if source_product_id is not None:
+                q = q.where(TrainingSet.source_product_id == source_product_id)
+            return list(s.scalars(q))
         return self.read(fn)
 
     # -- jobs ------------------------------------------------------------------------

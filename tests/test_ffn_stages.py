@@ -84,3 +84,21 @@ def test_segment_stage_same_product_for_1_and_2_ranks(project, trained):
         seg = store.read_volume(proj.abspath(prod.path))
         assert len(table) == len(np.unique(seg[seg > 0]))
     assert hashes[0] == hashes[1]
+
+
+def test_segment_region_of_interest(project, trained):
+    """--param roi segments only that region: full-shape product, 0 outside, scores on the region."""
+    proj, ing = project
+    m = json.loads((proj.root / "runs" / str(trained) / "metrics.json").read_text())
+    rid = prepare_run(proj, "segment", model_id=m["model_id"], input_ids=[ing["labels"][1]],
+                      params={"core_size": [8, 32, 32], "min_size": 1, "segment_threshold": 0.01, "roi": "0,8,32,96,32,96"}, user="tester")
+    r = _run("segment", proj.root, rid, 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    met = json.loads((proj.root / "runs" / str(rid) / "metrics.json").read_text())
+    assert met["roi"] == [[0, 8], [32, 96], [32, 96]] and met["subvolumes"] == 4
+    seg = store.read_volume(proj.abspath(proj.catalog.product(proj.catalog.run(rid).output_product_id).path))
+    assert seg.shape == (8, 96, 96)
+    assert not seg[:, :32].any() and not seg[:, :, :32].any() and seg[:, 32:, 32:].any()
+    bad = prepare_run(proj, "segment", model_id=m["model_id"], params={"roi": "0,8,90,40,0,96"}, user="tester")
+    r = _run("segment", proj.root, bad, 1)
+    assert r.returncode == 2 and "--param roi=" in r.stderr and proj.catalog.run(bad).state == "failed"

@@ -28,15 +28,77 @@ class ModelsPage(Page):
         self.promote = pn.widgets.Button(label="Promote selected to current", color="primary",
                                          disabled=not self.app.can("promote"), width=240, align="end")
         self.promote.on_click(self._promote)
+        # the loop: parent vs child comparison, re-segment with a model
+        self.holdout_z = pn.widgets.IntInput(label="held-out sections (last N)", value=0, start=0, width=170)
+        self.btn_compare = pn.widgets.Button(label="Compare selected with its parent", color="default",
+                                             disabled=not self.app.can("dispatch"), width=240, align="end",
+                                             css_classes=["emloop-compare-parent"])
+        self.btn_compare.on_click(self._compare_parent)
+        self.parent_cmp = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["emloop-parent-child"])
+        self.reseg_seg = pn.widgets.Select(label="segmentation to re-segment", options={}, width=260)
+        self.reseg_whole = pn.widgets.Checkbox(name="whole volume (else only flagged subvolumes)", value=False)
+        self.btn_reseg = pn.widgets.Button(label="Re-segment with selected model", color="default",
+                                           disabled=not self.app.can("dispatch"), width=240, align="end",
+                                           css_classes=["emloop-reseg-model"])
+        self.btn_reseg.on_click(self._resegment)
         self.refresh()
         return pn.Column(pn.pane.Markdown("## FFN model versions  \n<small>select one or more to compare</small>"),
                          self.models, pn.Row(self.curves, self.compare, sizing_mode="stretch_width"),
-                         pn.Row(self.reason, self.promote), sizing_mode="stretch_width")
+                         pn.pane.Markdown("**parent vs child** <small>(held-out scores and errors at the "
+                                          "flagged locations; promote only on purpose)</small>"),
+                         pn.Row(self.holdout_z, self.btn_compare), self.parent_cmp,
+                         pn.Row(self.reason, self.promote),
+                         pn.Row(self.reseg_seg, self.reseg_whole, self.btn_reseg), sizing_mode="stretch_width")
 
     def refresh(self) -> None:
         self._df = D.model_table(self.app.project)
         set_table(self.models, self._df)
         self._show_curves()
+        if hasattr(self, "reseg_seg"):
+            segs = [p for p in self.app.project.catalog.products("segmentation") if not (p.meta or {}).get("edit")]
+            opts = {f"segmentation {p.id} (run {p.run_id})": p.id for p in reversed(segs)}
+            if opts != self.reseg_seg.options:
+                self.reseg_seg.options = opts
+
+    def _show_parent_child(self) -> None:
+        from .. import loop as LA
+        ids = self._selected_ids()
+        if len(ids) != 1:
+            self.parent_cmp.object = "<i>select one fine-tuned model</i>"
+            return
+        m = self.app.project.catalog.model(ids[0])
+        rows = LA.comparison_of(self.app.project, m.id)
+        if not rows:
+            self.parent_cmp.object = (f"<i>model {m.id} has no comparison yet"
+                                      + (f" (parent {m.parent_id}: press Compare)" if m.parent_id else " (no parent)")
+                                      + "</i>")
+            return
+        cmp = m.metrics["comparison"]
+        df = pd.DataFrame(rows).rename(columns={"parent": f"parent (model {cmp['parent_id']})",
+                                                "child": f"child (model {cmp['child_id']})"})
+        self.parent_cmp.object = df.to_html(index=False, float_format=lambda v: f"{v:.4g}",
+                                            classes="emloop-compare-table")
+
+    def _compare_parent(self, _event) -> None:
+        from .. import loop as LA
+        ids = self._selected_ids()
+        if len(ids) != 1:
+            self.app.notify("select exactly one (fine-tuned) model", "error")
+            return
+        res = self.app.act(LA.compare_child, ids[0], holdout_z=int(self.holdout_z.value or 0),
+                           ok=lambda r: f"model {r['child_id']} compared with parent {r['parent_id']}: errors at "
+                                        f"flags {r.get('errors_at_flags')}, held-out VI {r.get('held_out_vi')}")
+        if res is not None:
+            self.refresh()
+
+    def _resegment(self, _event) -> None:
+        from .. import loop as LA
+        ids = self._selected_ids()
+        if len(ids) != 1 or self.reseg_seg.value is None:
+            self.app.notify("select one model and a segmentation", "error")
+            return
+        self.app.act(LA.resegment, self.reseg_seg.value, model_id=ids[0], whole=bool(self.reseg_whole.value),
+                     ok=lambda r: f"re-segment run {r['run_id']} (job {r['job_id']}) with model {r['model_id']}")
 
     def _selected_ids(self) -> list[int]:
         if self._df.empty:
@@ -45,6 +107,8 @@ class ModelsPage(Page):
         return [int(self.models.value.iloc[i]["id"]) for i in sel if i < len(self.models.value)]
 
     def _show_curves(self) -> None:
+        if hasattr(self, "parent_cmp"):
+            self._show_parent_child()
         ids = self._selected_ids()
         curves = []
         rows = []

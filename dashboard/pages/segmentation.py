@@ -76,8 +76,21 @@ class SegmentationPage(Page):
         self.dl_json = pn.widgets.FileDownload(callback=lambda: self._export("json"), filename="flags.json",
                                                label="Export JSON", color="default", width=130)
         self.btn_train = pn.widgets.Button(label="Send flagged regions to training", color="primary",
-                                           disabled=not self.app.can("dispatch"))
+                                           disabled=not self.app.can("dispatch"), css_classes=["emloop-send-training"])
         self.btn_train.on_click(self._send_to_training)
+        # the loop: which model to fine-tune, where to run it; re-segment; show the changes
+        self.tr_model = pn.widgets.Select(label="fine-tune model", options={}, width=170)
+        self.tr_profile = pn.widgets.Select(label="profile", options=[], width=130)
+        self.tr_steps = pn.widgets.IntInput(label="steps", value=300, start=1, step=50, width=90)
+        self.tr_mix = pn.widgets.FloatInput(label="mix original", value=0.5, start=0.0, end=1.0, step=0.1, width=100)
+        self.btn_reseg = pn.widgets.Button(label="Re-segment flagged subvolumes (current model)", color="default",
+                                           disabled=not self.app.can("dispatch"), css_classes=["emloop-reseg"])
+        self.btn_reseg.on_click(self._resegment)
+        self.btn_changes = pn.widgets.Button(label="Highlight changed objects", color="default",
+                                             css_classes=["emloop-show-changes"])
+        self.btn_changes.on_click(self._show_changes)
+        self.loop_info = pn.pane.HTML("", sizing_mode="stretch_width")
+        self._load_loop_choices()
         self.note = pn.widgets.TextInput(label="Note for the t key", placeholder="text of your next note flag",
                                          width=300)
         self.note.param.watch(lambda e: self.ng.set_note(e.new), "value")
@@ -93,7 +106,9 @@ class SegmentationPage(Page):
                              "Neuroglancer)</small>"),
             self.queue_holder, title="Review queue (most uncertain first)", sizing_mode="stretch_width")
         flags_card = pn.Card(pn.Row(self.f_kind, self.f_status, self.f_author), self.flags_note, self.flags_holder,
-                             pn.Row(self.dl_csv, self.dl_json, self.btn_train),
+                             pn.Row(self.dl_csv, self.dl_json),
+                             pn.Row(self.tr_model, self.tr_profile, self.tr_steps, self.tr_mix),
+                             pn.Row(self.btn_train, self.btn_reseg, self.btn_changes), self.loop_info,
                              title="Flags (click a row to jump)", sizing_mode="stretch_width")
         metrics = pn.Card(pn.Row(pn.Column(pn.pane.Markdown("**against ground truth**"), self.metrics_sup),
                                  pn.Column(pn.pane.Markdown("**unsupervised**"), self.metrics_unsup),
@@ -321,16 +336,73 @@ class SegmentationPage(Page):
                             ok=f"flags exported as {fmt.upper()}")
         return io.StringIO(text or "")
 
+    def _load_loop_choices(self) -> None:
+        from launch.jobs import list_profiles
+        models = self.app.project.catalog.models()
+        opts = {f"model {m.id}{' (current)' if m.is_current else ''}": m.id for m in reversed(models)}
+        if opts != self.tr_model.options:
+            self.tr_model.options = opts
+            cur = next((m.id for m in models if m.is_current), None)
+            self.tr_model.value = cur if cur is not None else (next(iter(opts.values()), None))
+        try:
+            profs = [p.name for p in list_profiles(self.app.project)]
+        except EmloopError:
+            profs = ["local"]
+        if profs != self.tr_profile.options:
+            self.tr_profile.options = profs
+            self.tr_profile.value = "local" if "local" in profs else (profs[0] if profs else None)
+
     def _send_to_training(self, _event) -> None:
+        """Flags → training set → fine-tuning job (model and profile from the form)."""
         if not getattr(self, "_ids", None):
             return
-        self.app.act(A.send_flags_to_training, self._ids,
-                     ok=lambda r: f"{len(r['flag_ids'])} flagged region(s) sent to training "
-                                  f"({r['n_confirmed']} newly confirmed)")
+        from .. import loop as LA
+        res = self.app.act(LA.send_to_training, self._ids, model_id=self.tr_model.value,
+                           profile=self.tr_profile.value or "local", steps=int(self.tr_steps.value or 300),
+                           mix_original=float(self.tr_mix.value or 0.0),
+                           ok=lambda r: f"{len(r['flag_ids'])} flagged region(s) sent to training: training set "
+                                        f"{r['training_set']} ({r['regions']} regions), fine-tuning run {r['run_id']} "
+                                        f"(job {r['job_id']}) from model {r['model_id']}")
+        if res is not None:
+            self.loop_info.object = (f"<small>training set {res['training_set']} v{res['training_set_version']}, "
+                                     f"train run {res['run_id']} job {res['job_id']}: follow it on the Jobs page, then "
+                                     f"compare and promote on the Models page</small>")
         self._load_flags()
+
+    def _resegment(self, _event) -> None:
+        if not getattr(self, "_ids", None):
+            return
+        from .. import loop as LA
+        res = self.app.act(LA.resegment, self._current, profile=self.tr_profile.value or "local",
+                           ok=lambda r: f"re-segmenting the flagged subvolumes with model {r['model_id']}: run "
+                                        f"{r['run_id']} (job {r['job_id']})")
+        if res is not None:
+            self.loop_info.object = f"<small>re-segment run {res['run_id']} job {res['job_id']}</small>"
+
+    def _show_changes(self, _event) -> None:
+        """Highlight the objects that changed against the segmentation this one was re-segmented from."""
+        if not getattr(self, "_current", None):
+            return
+        from viewers import diff
+        prod = self.app.project.catalog.product(self._ids[0])
+        old = diff.previous_of(self.app.project, prod)
+        if old is None:
+            self.app.notify("this segmentation was not made by re-segmenting another one", "error")
+            return
+        try:
+            changed = diff.changed_ids(self.app.project, old, prod)
+        except EmloopError as e:
+            self.app.notify(str(e), "error")
+            return
+        if self.ng.viewer is not None:
+            with self.ng.viewer.txn() as s:
+                diff.apply_highlight(s, changed)
+        self.loop_info.object = (f"<small>{len(changed)} object(s) changed against segmentation {old.id} "
+                                 f"(selected in Neuroglancer)</small>")
 
     def refresh(self) -> None:
         self._load_products()
+        self._load_loop_choices()
         if self.product_id is None:
             return
         root, ids, cur = D.lineage(self.app.project, self.product_id)

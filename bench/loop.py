@@ -1,0 +1,205 @@
+"""The review → training → re-segmentation loop, end to end, with before/after numbers.
+
+    python bench/loop.py [--dataset synthetic|flyem|both] [--quick]
+
+For each data set: a deliberately under-trained FFN (``parent_steps`` steps) segments the volume
+(MPI job through ``launch.jobs.submit``, 2 ranks); a **scripted proofreader that reads the ground
+truth** flags the largest false merges/splits and fixes them with split/merge edits
+(:func:`pipeline_core.loop.scripted_proofread`, one more error is flagged and left open); a
+training set is built from the confirmed flags (:func:`pipeline_core.loop.build_training_set`); the
+parent is fine-tuned on it (mixed with the original data at ``mix``) for ``child_steps`` steps (train
+job, 2 ranks); parent and child are compared (:func:`pipeline_core.loop.compare_from_catalog`); the
+child is promoted; only the flagged subvolumes are re-segmented (segment job,
+``only_flagged_from``). Reported: errors at the flagged locations (:func:`loop.errors_at`, with the
+ground truth) in the parent's segmentation and in the re-segmentation, VI on a held-out block
+(never flagged nor trained on) for parent and child, and whole-volume scores.
+
+Held-out blocks: synthetic — an independent synthetic volume (seed 1) ingested as its own
+product; FlyEM medulla — the last ``held_out_z`` sections of the crop, ingested as their own product
+(never segmented for review, flagged or trained on).
+The FlyEM volume is cropped (see ``CONFIG``) to keep the bench to minutes on 2 CPU cores.
+Writes bench/results/loop.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+import numpy as np  # noqa: E402
+
+DATA = Path(os.environ.get("EMLOOP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+RESULTS = ROOT / "bench" / "results" / "loop.json"
+USER = "bench"
+
+CONFIG = {
+    "synthetic": dict(parent_steps=150, child_steps=75, batch_size=2, lr_scaling="none", core_size=[8, 96, 96],
+                      holdout_z=0, min_size=1000, min_overlap=100, merges=3, splits=3, eval_min_size=1000, min_seg=50,
+                      child_lr=7e-4, mix=0.0, max_evals=300),
+    "flyem": dict(parent_steps=150, child_steps=75, batch_size=2, lr_scaling="none", mix=0.0, core_size=[48, 64, 64],
+                  holdout_z=0, held_out_z=24, child_lr=7e-4,
+                  crop=(slice(0, 96), slice(0, 128), slice(0, 128)), min_size=1000, min_overlap=100, merges=3,
+                  splits=3, eval_min_size=1000, min_seg=50, max_evals=300),
+}
+
+
+def _load(name: str):
+    """(image, labels, voxel size, eval (image, labels) or None)."""
+    if name == "synthetic":
+        from pipeline_core import synth
+        d, e = synth.generate("tiny", seed=0), synth.generate("tiny", seed=1)
+        return d.image, d.labels, d.voxel_size, (e.image, e.labels)
+    import tifffile
+    base = DATA / "flyem_fib_medulla"
+    crop, hz = CONFIG["flyem"]["crop"], CONFIG["flyem"]["held_out_z"]
+    img = tifffile.imread(base / "raw_z000-149.tif")[crop]
+    lab = tifffile.imread(base / "gt_neuron_ids_z000-149.tif")[crop].astype(np.uint32)
+    # the last held_out_z sections are a separate product: never segmented for review, flagged or trained on
+    return img[:-hz], lab[:-hz], (10.0, 10.0, 10.0), (img[-hz:], lab[-hz:])
+
+
+def _submit(proj, rid, ranks=2):
+    from launch import jobs
+    jid = jobs.submit(proj, rid, "local", ranks=ranks, wait=True, user=USER)
+    run = proj.catalog.run(rid)
+    if run.state != "succeeded":
+        raise RuntimeError(f"run {rid} ({run.stage}) {run.state}: {run.error}\n{jobs.logs(proj, jid, tail=40)}")
+    return run
+
+
+def run_loop(name: str, root: Path, log=print) -> dict:
+    from pipeline_core import loop, metrics, store
+    from pipeline_core.ingest import ingest_stack
+    from pipeline_core.project import Project
+    from pipeline_core.runs import prepare_run
+    from viewers import edits
+
+    cfg = CONFIG[name]
+    t_all = time.perf_counter()
+    img, lab, vs, ev = _load(name)
+    proj = Project.init(root, user=USER)
+    proj.catalog.add_user(USER, "admin", by=USER)
+    ev_ids = None
+    if ev is not None:  # held-out volume first, so the main one is the newest (default input)
+        o = ingest_stack(proj, None, voxel_size=vs, image_array=ev[0], labels_array=ev[1], user=USER,
+                         dataset_name="held-out")
+        ev_ids = (o["image"][1], o["labels"][1])
+    o = ingest_stack(proj, None, voxel_size=vs, image_array=img, labels_array=lab, user=USER, dataset_name=name)
+    img_id, lab_id = o["image"][1], o["labels"][1]
+    hz = int(cfg["holdout_z"])
+    common = {"preset": "tiny", "batch_size": cfg["batch_size"], "checkpoint_every": 50, "holdout_z": hz,
+              "warmup_steps": 10, "lr_scaling": cfg["lr_scaling"]}
+    t = time.perf_counter()
+    r = _submit(proj, prepare_run(proj, "train", params={**common, "steps": cfg["parent_steps"]},
+                                  input_ids=[img_id, lab_id], user=USER))
+    parent = r.metrics["model_id"]
+    log(f"[{name}] parent model {parent}: {cfg['parent_steps']} steps ({time.perf_counter() - t:.0f} s)")
+    seg_params = {"core_size": cfg["core_size"], "min_size": cfg["min_seg"], "eval_min_size": cfg["eval_min_size"],
+                  "baseline": False, "max_evals_per_object": cfg["max_evals"]}
+    t = time.perf_counter()
+    r = _submit(proj, prepare_run(proj, "segment", params=seg_params, input_ids=[img_id, lab_id], model_id=parent,
+                                  user=USER))
+    proj.catalog.review(r.id, "approve", USER, "bench")
+    seg_root = r.output_product_id
+    log(f"[{name}] segmentation {seg_root} with the parent ({time.perf_counter() - t:.0f} s): VI {r.metrics['eval']['vi']:.3f}")
+
+    def merge_fn(pid, keep, remove, flag_id):
+        return edits.merge_segments(proj, pid, keep, remove, USER, flag_id=flag_id).product.id
+
+    def split_fn(pid, segment, seeds, flag_id):
+        return edits.split_segment(proj, pid, segment, seeds, USER, flag_id=flag_id).product.id
+
+    exclude = []
+    if hz:
+        half_z = loop.region_half(loop._model_cfg_for(proj, proj.catalog.product(seg_root)))[0]
+        exclude = [(slice(img.shape[0] - hz - half_z, img.shape[0]), slice(0, img.shape[1]), slice(0, img.shape[2]))]
+    pr = loop.scripted_proofread(proj, seg_root, lab_id, merge_fn=merge_fn, split_fn=split_fn,
+                                 n_merges=cfg["merges"], n_splits=cfg["splits"], n_open=1, min_size=cfg["min_size"],
+                                 min_overlap=cfg["min_overlap"], exclude=exclude)
+    log(f"[{name}] scripted proofreader (ground truth): {pr['errors_found']} errors, fixed {len(pr['flags'])} "
+        f"with {len(pr['edits'])} edits, {len(pr['open_flags'])} open")
+    ts = loop.build_training_set(proj, seg_root, user=USER)
+    log(f"[{name}] training set {ts.id}: {len(ts.regions)} regions, excluded {ts.excluded_flag_ids}")
+    t = time.perf_counter()
+    r = _submit(proj, prepare_run(proj, "train", params={**common, "steps": cfg["child_steps"], "training_set": ts.id,
+                                                         "mix_original": cfg["mix"], "learning_rate": cfg["child_lr"]},
+                                  input_ids=[img_id, lab_id], model_id=parent, user=USER))
+    child = r.metrics["model_id"]
+    log(f"[{name}] child model {child}: {cfg['child_steps']} fine-tuning steps ({time.perf_counter() - t:.0f} s)")
+    t = time.perf_counter()
+    cmp = loop.compare_from_catalog(proj, child, holdout_z=hz, eval_image_id=ev_ids[0] if ev_ids else None,
+                                    eval_labels_id=ev_ids[1] if ev_ids else None, user=USER,
+                                    eval_min_size=cfg["eval_min_size"])
+    log(f"[{name}] compare ({time.perf_counter() - t:.0f} s): errors at flags {cmp.get('errors_at_flags')}, "
+        f"held-out VI {cmp.get('held_out_vi')}")
+    proj.catalog.promote_model(child, USER, "bench: fewer errors at flags")
+    t = time.perf_counter()
+    r = _submit(proj, prepare_run(proj, "segment", params={**seg_params, "only_flagged_from": seg_root},
+                                  input_ids=[img_id, lab_id], model_id=child, user=USER))
+    new_id = r.output_product_id
+    log(f"[{name}] re-segmented {len(r.metrics['resegmented_subvolumes'])}/{r.metrics['subvolumes']} subvolumes "
+        f"→ product {new_id} ({time.perf_counter() - t:.0f} s)")
+    before = store.read_volume(proj.abspath(proj.catalog.product(seg_root).path))
+    after = store.read_volume(proj.abspath(proj.catalog.product(new_id).path))
+    gt = store.read_volume(proj.abspath(proj.catalog.product(lab_id).path))
+    half = loop.region_half(loop._load_cfg(proj.abspath(proj.catalog.model(child).path)))
+    trained = [f for f in loop.lineage_flags(proj, seg_root) if f.id in set(ts.flag_ids)]
+    err_b = sum(loop.errors_at(before, gt, f, half) for f in trained)
+    err_a = sum(loop.errors_at(after, gt, f, half) for f in trained)
+    hold = {}
+    if hz:  # whole-volume held-out block of the products too (parent seg vs re-seg: unchanged unless flagged)
+        sl = slice(img.shape[0] - hz, img.shape[0])
+        hold = {"before": metrics.evaluate(before[sl], gt[sl], min_size=cfg["eval_min_size"])["vi"],
+                "after": metrics.evaluate(after[sl], gt[sl], min_size=cfg["eval_min_size"])["vi"]}
+    res = {
+        "dataset": name, "shape": list(img.shape), "voxel_size": list(vs), "config": {k: (str(v) if k == "crop" else v) for k, v in cfg.items()},
+        "models": {"parent": parent, "child": child}, "segmentation_before": seg_root, "segmentation_after": new_id,
+        "flags_trained": [f.id for f in trained], "open_flags": [f["flag_id"] for f in pr["open_flags"]],
+        "errors_at_flagged_locations": {"before": int(err_b), "after": int(err_a), "n_flags": len(trained),
+                                        "window_half_zyx": list(half)},
+        "compare": {"errors_at_flags": cmp.get("errors_at_flags"), "held_out_vi": cmp.get("held_out_vi"),
+                    "held_out": [{k: ({kk: vv for kk, vv in v.items() if isinstance(vv, (int, float))}
+                                      if isinstance(v, dict) else v) for k, v in row.items()} for row in cmp["held_out"]]},
+        "whole_volume": {"before": {k: r.metrics["eval_before"][k] for k in ("vi", "vi_split", "vi_merge", "false_merges", "false_splits")},
+                         "after": {k: r.metrics["eval"][k] for k in ("vi", "vi_split", "vi_merge", "false_merges", "false_splits")}},
+        "holdout_block_in_products_vi": hold,
+        "resegmented_subvolumes": r.metrics["resegmented_subvolumes"], "subvolumes": r.metrics["subvolumes"],
+        "flags_carried": r.metrics.get("flags_carried"), "scripted_proofreader": {k: pr[k] for k in ("errors_found", "counts")},
+        "wall_s": round(time.perf_counter() - t_all, 1),
+    }
+    log(f"[{name}] errors at {len(trained)} flagged locations: {err_b} → {err_a}; held-out VI parent "
+        f"{(cmp.get('held_out_vi') or {}).get('parent')} child {(cmp.get('held_out_vi') or {}).get('child')}")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=("synthetic", "flyem", "both"), default="both")
+    ap.add_argument("--keep", default=None, help="folder for the projects (default: a temporary one)")
+    args = ap.parse_args(argv)
+    names = ["synthetic", "flyem"] if args.dataset == "both" else [args.dataset]
+    out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="emloop-loop-"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    for n in names:
+        if n == "flyem" and not (DATA / "flyem_fib_medulla").is_dir():
+            print(f"skip flyem: {DATA / 'flyem_fib_medulla'} is absent")
+            continue
+        res = run_loop(n, base / n)
+        out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}   # another data set may have finished meanwhile
+        out[n] = res
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(out, indent=1, default=float))
+    print(json.dumps({k: {kk: v[kk] for kk in ("errors_at_flagged_locations",)} | {"held_out_vi": v["compare"]["held_out_vi"]}
+                      for k, v in out.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
