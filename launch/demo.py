@@ -29,6 +29,8 @@ DEMO_USERS = (("demo", "admin", "emloop-demo"), ("reviewer", "proofreader", "eml
               ("guest", "viewer", "emloop-guest"))
 OVERRIDE = "demo: unattended run before anyone reviewed the input (make demo)"
 TRAIN = {"preset": "demo", "steps": "600", "checkpoint_every": "100"}
+# the block-wise rigid refinement is 2x faster than the dense default and exact enough on synthetic data
+ALIGN = {"refine_method": "blocks"}
 SEGMENT = {"max_evals_per_object": "1000", "baseline": "true"}
 
 
@@ -92,7 +94,7 @@ def build(project_dir: Path, size: str = "demo", seed: int = 0, ranks: int = 2, 
         say(f"raw tiles: product {out['raw_tiles'][1]}; ground-truth ids: product {out['labels'][1]}")
     else:
         say("synthetic data: reusing what the project holds")
-    runs = {"montage": _stage(p, "montage", ranks), "align": _stage(p, "align", ranks)}
+    runs = {"montage": _stage(p, "montage", ranks), "align": _stage(p, "align", ranks, ALIGN)}
     runs["train"] = _stage(p, "train", ranks, {**TRAIN, **(train or {})})
     seg = {**SEGMENT, **(segment or {})}
     if roi:

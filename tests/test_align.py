@@ -161,15 +161,25 @@ def test_bad_align_parameter_names_itself():
 
 @pytest.mark.slow
 def test_isbi_known_rigid_misalignments(shared_data):
-    """ISBI 2012 ssTEM (30 sections) with random rigid misalignments (±2°, ±40 px).
+    """ISBI 2012 ssTEM (16 sections) with random rigid misalignments (±2°, ±40 px).
 
-    Adjacent ISBI sections are 50 nm apart at 4 nm pixels: the content changes so much
-    that a neighbour pair's rigid transform is only defined to a few px (whole-image
-    NCC between neighbours ≈ 0.2; the original stack itself has sections displaced by
-    ~20 px).  We therefore score as the peers table does: the difference between
-    aligning the misaligned stack and aligning the original (one common transform
-    removed), and require the adjacent-section NCC of the output to be back to at
-    least 95 % of the original stack's."""
+    What is measured: for output grid points, where they come from in the
+    *unperturbed* sections when the misaligned stack is aligned (undoing the
+    applied P_z) versus when the original stack is aligned, RMS over all points
+    and sections after removing one common affine (the stack's gauge is free).
+    This is the recovery error of the applied misalignments: a perfect aligner
+    maps every section of both stacks to the same tissue frame.
+
+    Why it is not ≈ 0 on this data: adjacent ISBI sections (50 nm apart, 4 nm px)
+    differ non-rigidly by ±5–10 px (local flows between sections 4 and 5 span
+    −16…+13 px), so a neighbour pair's rigid transform depends on which tissue is
+    visible; the perturbation removes up to ~15 % of each section (corners pushed
+    out of the frame), and z−2 pairs correlate over only ~20–30 % of their area
+    and have several equally good local optima.  Measured with the dense rigid
+    refinement: 1.83 px (the block refinement it replaced: 1.9–2.7 px); the
+    issue's 0.5 px target is NOT met on this data (it is on the synthetic stack,
+    test_synthetic_stack_rotations_2deg_shifts_40px).  The bound is the measured
+    value with margin, so a regression to the old estimator fails."""
     import tifffile
 
     stack = tifffile.imread(shared_data / "isbi2012" / "train_raw.tif")[:16]
@@ -183,5 +193,5 @@ def test_isbi_known_rigid_misalignments(shared_data):
     n_orig = np.mean([ncc(stack[z - 1][inner], stack[z][inner]) for z in range(1, len(stack))])
     n_out = np.mean([ncc(r1.stack[z - 1][inner], r1.stack[z][inner]) for z in range(1, len(stack))])
     assert n_out >= 0.95 * n_orig
-    # peers (SOFIMA) score 5.1 px on this kind of data; our bound is what we reach, with margin
-    assert score <= 3.0, score
+    # peers (SOFIMA) score 5.1 px on this kind of data; measured 1.83 px, bound with margin
+    assert score <= 2.3, score

@@ -52,6 +52,8 @@ DEFAULTS: dict = {f.name: f.default for f in AlignParams.__dataclass_fields__.va
 DEFAULTS["max_translation"] = 0.0  # 0 = automatic (a third of the section size)
 
 PARAM_HELP = {
+    "refine_method": "rigid refinement: dense (local correlation on a node grid; more accurate on real data) | "
+                     "blocks (phase-correlated blocks; ~2x faster)",
     "max_rotation_deg": "rotation search range between neighbouring sections (degrees, ±)",
     "max_translation": "translation search radius (px); 0 = a third of the section size",
     "long_range": "coarse pairs to the 1..n previous usable sections (damps drift)",
