@@ -161,7 +161,9 @@ comm = MPI.COMM_WORLD
 out, rec, mine = _distributed(lab, tuple(d.voxel_size), sys.argv[1], comm=comm)
 full = np.zeros_like(out)
 comm.Allreduce(out, full, op=MPI.SUM)  # each rank wrote its own cores
-print("RESULT", json.dumps({"rank": comm.Get_rank(), "mine": mine, "sha": hashlib.sha256(full.tobytes()).hexdigest()}), flush=True)
+# one file per rank: the two ranks' stdout lines can interleave
+with open(sys.argv[1] + f"/result{comm.Get_rank()}.json", "w") as f:
+    json.dump({"rank": comm.Get_rank(), "mine": mine, "sha": hashlib.sha256(full.tobytes()).hexdigest()}, f)
 np.save(sys.argv[1] + f"/full{comm.Get_rank()}.npy", full)
 """
 
@@ -179,7 +181,7 @@ def test_two_ranks_give_the_same_segmentation_as_one(synth_crop, tmp_path):
     r = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(script), str(tmp_path / "two"), str(Path(__file__).parent)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = [json.loads(x.split(" ", 1)[1]) for x in r.stdout.splitlines() if x.startswith("RESULT")]
+    res = [json.loads((tmp_path / "two" / f"result{k}.json").read_text()) for k in (0, 1)]
     assert len(res) == 2 and res[0]["sha"] == res[1]["sha"]
     assert sorted(res[0]["mine"] + res[1]["mine"]) == [0, 1, 2, 3]  # dynamic assignment shared the work
     two = np.load(tmp_path / "two" / "full0.npy")
