@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= demo_project
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: demo test venv bench clean-demo help
 
@@ -23,7 +24,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m launch.demo --project $(DEMO)
+	$(BIN)/python -m launch.demo --project $(DEMO) $(DEMO_ARGS)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
