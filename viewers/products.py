@@ -152,29 +152,14 @@ def raw_tiles_for(project: Project, product: Product) -> Product | None:
 
 def lineage_root(project: Project, product_id: int) -> int:
     """First version of a segmentation lineage (the product itself when it was never edited)."""
-    p = get_product(project, product_id)
-    root = (p.meta or {}).get("lineage_root")
-    if root is not None:
-        return int(root)
-    seen = {p.id}
-    while p.parent_id is not None:
-        parent = get_product(project, p.parent_id)
-        if parent.kind != p.kind or parent.id in seen:
-            break
-        seen.add(parent.id)
-        p = parent
-    return p.id
+    from pipeline_core import loop
+    return loop.lineage_root(project, get_product(project, product_id).id)
 
 
 def lineage_ids(project: Project, product_id: int) -> list[int]:
     """All versions (product ids, ascending) of the lineage ``product_id`` belongs to."""
-    root = lineage_root(project, product_id)
-    kind = get_product(project, root).kind
-    ids = {root}
-    for p in project.catalog.products(kind):
-        if (p.meta or {}).get("lineage_root") == root:
-            ids.add(p.id)
-    return sorted(ids)
+    from pipeline_core import loop
+    return loop.lineage_ids(project, get_product(project, product_id).id)
 
 
 def current_version(project: Project, product_id: int) -> int:
