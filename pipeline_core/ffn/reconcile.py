@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline_core.errors import InputError
+from ..parallel import quiet_barrier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,18 +332,15 @@ def segment_distributed(segment, read_image, shape, work_dir, *, core_size, marg
     """
     plan = plan_subvolumes(shape, core_size, margin)
     Path(work_dir).mkdir(parents=True, exist_ok=True)
-    if comm is not None:
-        comm.Barrier()
+    quiet_barrier(comm)
     mine = run_subvolumes(segment, read_image, plan, work_dir, dynamic_indices(work_dir, len(plan), comm), log=log,
                           on_done=on_done)
-    if comm is not None:
-        comm.Barrier()
+    quiet_barrier(comm)
     rec = reconcile(plan, work_dir, comm=comm, min_overlap_fraction=min_overlap_fraction,
                     min_overlap_voxels=min_overlap_voxels)
     if write_block is not None:
         rank = comm.Get_rank() if comm is not None else 0
         size = comm.Get_size() if comm is not None else 1
         write_reconciled(plan, work_dir, rec, write_block, indices=range(rank, len(plan), size))
-        if comm is not None:
-            comm.Barrier()
+        quiet_barrier(comm)
     return plan, rec, mine

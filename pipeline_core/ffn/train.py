@@ -36,6 +36,7 @@ from pipeline_core.errors import InputError
 
 from .data import ExampleSource
 from .model import FFNConfig, build_model, load_config
+from ..parallel import quiet_barrier
 
 LR_SCALINGS = ("none", "linear", "sqrt")
 
@@ -268,8 +269,7 @@ def train(cfg: FFNConfig, volumes, model_dir, params: TrainParams | None = None,
         if metadata:
             meta.update(metadata)
         _atomic_json(cfg_path, meta)
-    if comm is not None:
-        comm.Barrier()
+    quiet_barrier(comm)
 
     tr = _Trainer(cfg, params, comm)
     ck = latest_checkpoint(model_dir)
@@ -330,8 +330,7 @@ def train(cfg: FFNConfig, volumes, model_dir, params: TrainParams | None = None,
         if done % params.checkpoint_every == 0 or done == params.steps:
             if rank == 0:
                 tr.save(model_dir, done)
-            if comm is not None:
-                comm.Barrier()
+            quiet_barrier(comm)
     el = time.perf_counter() - t0
     return {"steps": done, "final_loss": loss, "world_size": size, "examples": examples_done * size,
             "train_s": el, "steps_per_s": (done - start) / max(el, 1e-9), "weights_sha256": weights_digest(tr.model)}

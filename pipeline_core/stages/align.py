@@ -102,16 +102,6 @@ def _read_section(src, z: int) -> np.ndarray:
 
 
 
-def _quiet_barrier(ctx: StageContext, poll_s: float = 0.002) -> None:
-    """Barrier that sleeps while waiting (MPI_Barrier busy-polls a core that a working rank may need)."""
-    if ctx.comm is None or ctx.size == 1:
-        return
-    import time
-
-    req = ctx.comm.Ibarrier()
-    while not req.Test():
-        time.sleep(poll_s)
-
 def run(ctx: StageContext) -> dict:
     """Align every section of the input montage; returns the QC metrics (rank 0)."""
     p = _params(ctx)
@@ -138,7 +128,7 @@ def run(ctx: StageContext) -> dict:
             np.save(tmp, tex)
             os.replace(tmp, f)
         tick()
-    _quiet_barrier(ctx)
+    ctx.barrier()
     texs = [np.load(_w(ctx, f"texture-{z}.npy")) for z in range(Z)]
     p90 = [float(np.percentile(t, 90)) for t in texs]
     ref = float(np.median(p90)) if p90 else 0.0
@@ -170,7 +160,7 @@ def run(ctx: StageContext) -> dict:
                     recs.append({"a": a, "b": z, **r})
             store.write_json_atomic(f, recs)
         tick()
-    _quiet_barrier(ctx)
+    ctx.barrier()
 
     # 3: stack solve (every rank, deterministic)
     pair_info = []
@@ -210,7 +200,7 @@ def run(ctx: StageContext) -> dict:
                         arrs[f"weight_{zr}"] = fl["valid"].astype(np.float32)
                         arrs[f"outliers_{zr}"] = np.float32(fl["outlier_fraction"])
                 _save_npz(f, **arrs)
-        _quiet_barrier(ctx)
+        ctx.barrier()
         vf = _w(ctx, f"fields-{it}.npy")
         if ctx.rank == 0 and not vf.exists():
             flows = []
@@ -224,7 +214,7 @@ def run(ctx: StageContext) -> dict:
             tmp = vf.with_name(f".{vf.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, (V + dV).astype(np.float32))
             os.replace(tmp, vf)
-        _quiet_barrier(ctx)
+        ctx.barrier()
         V = np.load(vf)
         if it == 0:
             for z in range(Z):
@@ -254,7 +244,7 @@ def run(ctx: StageContext) -> dict:
                 mk = ctx.blocks_dir / f"align-render-{z}.done"
                 if mk.exists():
                     mk.unlink()
-    _quiet_barrier(ctx)
+    ctx.barrier()
     for z in mine:
         name = f"align-render-{z}"
         if not ctx.block_done(name):
@@ -264,7 +254,7 @@ def run(ctx: StageContext) -> dict:
             store.downsample_block(out, (z, z + 1))
             ctx.mark_block(name)
         tick()
-    _quiet_barrier(ctx)
+    ctx.barrier()
 
     # 6: QC on the written output
     dst = store.open_level(out, 0, require_complete=False)
@@ -288,14 +278,14 @@ def run(ctx: StageContext) -> dict:
                      prev_failed=bool(good[z] and zp is not None and zp != z - 1))
             store.write_json_atomic(f, q)
         tick()
-    _quiet_barrier(ctx)
+    ctx.barrier()
     if ctx.rank != 0:
-        _quiet_barrier(ctx)  # wait (sleeping) for rank 0's finalisation
+        ctx.barrier()  # wait (sleeping) for rank 0's finalisation
         return {}
     try:
         return _finish(ctx, p, Z, H, W, T, V, ys, xs, pair_info, out)
     finally:
-        _quiet_barrier(ctx)
+        ctx.barrier()
 
 
 def _finish(ctx, p, Z, H, W, T, V, ys, xs, pair_info, out) -> dict:

@@ -22,10 +22,10 @@ import os
 import sys
 import time
 import traceback
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+from ..parallel import quiet_barrier
 from ..errors import EmloopError, InputError
 from ..project import Project
 from ..store import write_json_atomic
@@ -233,20 +233,6 @@ def read_progress(run_dir: str | os.PathLike) -> dict:
             ranks += 1
     pct = 100.0 * done / total if total else 0.0
     return {"done": done, "total": total, "percent": round(pct, 1), "unit": unit, "ranks": ranks}
-
-
-def quiet_barrier(comm, poll_s: float = 0.005) -> None:
-    """A barrier that sleeps while it waits.
-
-    MPICH's ``Barrier`` spins a core at 100 % until the slowest rank arrives; with as
-    many ranks as cores (the common case on a workstation, and for ranks that finished
-    their share early) that steals the core a still-working rank's threads need.
-    """
-    if comm is None or comm.Get_size() == 1:
-        return
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(poll_s)
 
 
 def _get_comm():

@@ -95,16 +95,6 @@ def _tile_ids(data: dict, s: int) -> list:
 
 
 
-def _quiet_barrier(ctx: StageContext, poll_s: float = 0.002) -> None:
-    """Barrier that sleeps while waiting (MPI_Barrier busy-polls a core that a working rank may need)."""
-    if ctx.comm is None or ctx.size == 1:
-        return
-    import time
-
-    req = ctx.comm.Ibarrier()
-    while not req.Test():
-        time.sleep(poll_s)
-
 def run(ctx: StageContext) -> dict:
     """Montage every section of the input raw tiles; returns the QC metrics (rank 0)."""
     from ..ingest import read_tiles
@@ -140,7 +130,7 @@ def run(ctx: StageContext) -> dict:
             ctx.mark_block(name)
         done += 1
         ctx.progress(done, 2 * len(mine), unit="section steps")
-    _quiet_barrier(ctx)
+    ctx.barrier()
 
     # phase 2: common canvas from every section's positions (identical on every rank)
     recs = [json.loads(_section_file(ctx, s).read_text()) for s in range(S)]
@@ -172,7 +162,7 @@ def run(ctx: StageContext) -> dict:
                 if mk.exists():
                     mk.unlink()
             store.write_json_atomic(canvas_file, {"origin": list(origin), "shape": list(shape)})
-    _quiet_barrier(ctx)
+    ctx.barrier()
 
     # phase 3: render my sections into their own z planes
     for s in mine:
@@ -188,10 +178,10 @@ def run(ctx: StageContext) -> dict:
             ctx.mark_block(name)
         done += 1
         ctx.progress(done, 2 * len(mine), unit="section steps")
-    _quiet_barrier(ctx)
+    ctx.barrier()
 
     if ctx.rank != 0:
-        _quiet_barrier(ctx)  # wait (sleeping) for rank 0's finalisation
+        ctx.barrier()  # wait (sleeping) for rank 0's finalisation
         return {}
     try:
         digest = store.finalize_volume(out)
@@ -203,7 +193,7 @@ def run(ctx: StageContext) -> dict:
                                   n_suspicious=metrics["summary"]["n_suspicious"], n_failed=metrics["summary"]["n_failed"])
         metrics["product_id"] = pid
     finally:
-        _quiet_barrier(ctx)
+        ctx.barrier()
     return metrics
 
 
