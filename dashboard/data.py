@@ -26,7 +26,7 @@ import pandas as pd
 from sqlalchemy import func, select
 
 from pipeline_core.catalog import (LOOP_ORDER, STAGES, AuditEvent, Edit, Flag, Job, ModelVersion, Product, Run,
-                                   as_dict)
+                                   as_dict, filter_flags)
 from pipeline_core.errors import EmloopError, InputError
 from pipeline_core.project import Project
 from pipeline_core.stages.common import read_progress
@@ -608,17 +608,8 @@ def flags_table(project: Project, product_ids: Sequence[int] | None = None, *, k
             Flag.note, Flag.product_id, Flag.product_version, Flag.created_at)
 
     def fn(s):
-        q = select(*cols).order_by(Flag.id.desc())
-        if product_ids is not None:
-            q = q.where(Flag.product_id.in_([int(i) for i in product_ids]))
-        if kind:
-            q = q.where(Flag.kind == kind)
-        if status:
-            q = q.where(Flag.status == status)
-        if author:
-            q = q.where(Flag.author == author)
-        if not include_dismissed:
-            q = q.where(Flag.status != "dismissed")
+        q = filter_flags(select(*cols).order_by(Flag.id.desc()), product_ids, kind=kind, status=status, author=author,
+                         include_dismissed=include_dismissed)
         if limit is not None:
             q = q.limit(int(limit))
         return s.execute(q).all()
@@ -635,15 +626,7 @@ def flags_table(project: Project, product_ids: Sequence[int] | None = None, *, k
 def count_flags(project: Project, product_ids: Sequence[int] | None = None, *, kind: str | None = None,
                 status: str | None = None, author: str | None = None) -> int:
     def fn(s):
-        q = select(func.count(Flag.id))
-        if product_ids is not None:
-            q = q.where(Flag.product_id.in_([int(i) for i in product_ids]))
-        if kind:
-            q = q.where(Flag.kind == kind)
-        if status:
-            q = q.where(Flag.status == status)
-        if author:
-            q = q.where(Flag.author == author)
+        q = filter_flags(select(func.count(Flag.id)), product_ids, kind=kind, status=status, author=author)
         return s.execute(q).scalar() or 0
     return int(project.catalog.read(fn))
 

@@ -67,6 +67,22 @@ GATED_KINDS = ("raw_tiles", "montage", "aligned", "segmentation", "labels", "tra
 LOOP_ORDER = ("ingest", "montage", "align", "segment", "proofread", "train")
 
 
+def filter_flags(q, product_ids=None, *, kind: str | None = None, status: str | None = None,
+                 author: str | None = None, include_dismissed: bool = True):
+    """``q`` (a select over Flag) restricted by product(s), kind, status, author; dismissed ones optional."""
+    if product_ids is not None:
+        q = q.where(Flag.product_id.in_([int(i) for i in product_ids]))
+    if kind:
+        q = q.where(Flag.kind == kind)
+    if status:
+        q = q.where(Flag.status == status)
+    if author:
+        q = q.where(Flag.author == author)
+    if not include_dismissed:
+        q = q.where(Flag.status != "dismissed")
+    return q
+
+
 def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
 
@@ -707,17 +723,8 @@ class Catalog:
     def flags(self, product_id: int | None = None, *, kind: str | None = None, status: str | None = None,
               author: str | None = None, include_dismissed: bool = True) -> list[Flag]:
         def fn(s):
-            q = select(Flag).order_by(Flag.id)
-            if product_id is not None:
-                q = q.where(Flag.product_id == product_id)
-            if kind:
-                q = q.where(Flag.kind == kind)
-            if status:
-                q = q.where(Flag.status == status)
-            if author:
-                q = q.where(Flag.author == author)
-            if not include_dismissed:
-                q = q.where(Flag.status != "dismissed")
+            q = filter_flags(select(Flag).order_by(Flag.id), None if product_id is None else [product_id],
+                             kind=kind, status=status, author=author, include_dismissed=include_dismissed)
             return list(s.scalars(q))
         return self.read(fn)
 
