@@ -315,6 +315,10 @@ def _carry_groundtruth(ctx, out) -> dict | None:
     if not cands:
         return None
     src = max(cands, key=lambda pr: pr.id)
+    for pr in ctx.catalog.products("labels"):  # a resumed run recorded it already: nothing to redo
+        if pr.run_id == ctx.run_id:
+            return {"labels_product": src.id, "method": (pr.meta or {}).get("method"),
+                    "score": (pr.meta or {}).get("match_score"), "carried": True, "product_id": pr.id}
     meta = store.read_meta(out)
     if tuple(src.shape) == tuple(meta.shape):
         return {"labels_product": src.id, "offset": [0, 0], "note": "same frame"}
@@ -336,10 +340,6 @@ def _carry_groundtruth(ctx, out) -> dict | None:
         info["carried"] = False
         return info
     dst = ctx.run_dir / "groundtruth.ome.zarr"
-    for pr in ctx.catalog.products("labels"):  # a resumed run recorded it already
-        if pr.run_id == ctx.run_id:
-            info.update(carried=True, product_id=pr.id)
-            return info
     digest = store.write_volume(dst, carried, meta.voxel_size,
                                 kind="labels", provenance={"stage": "align", "run": ctx.run_id, "source_labels": src.id,
                                                            "method": info["method"], "match_score": score},
