@@ -95,6 +95,27 @@ def test_server_serves_client_and_product_chunks_with_cors(seg, server):
     assert _get(f"{server.data_base}/%2e%2e/emloop.sqlite")[0] in (403, 404)
 
 
+def test_every_viewer_loads_one_cacheable_client(seg, server):
+    """Two viewers' pages load the Neuroglancer bundle from the same URL, served with immutable caching,
+    so the browser downloads and compiles it once (not once per viewer token)."""
+    import re as _re
+    proj, img_id, seg_id = seg
+    pages = [_get(server.new_viewer(seg_id, user="alice")[1]) for _ in range(2)]
+    scripts = []
+    for status, headers, body in pages:
+        assert status == 200 and headers.get("Cache-Control") == "no-cache"
+        srcs = _re.findall(r'src="([^"]+)"', body.decode())
+        assert srcs and all(s.startswith("/emloop-ng/") for s in srcs)
+        scripts.append(srcs)
+    assert scripts[0] == scripts[1]
+    main = next(s for s in scripts[0] if "/main." in s)
+    status, headers, body = _get(server.url + main)
+    assert status == 200 and headers["Content-Type"] == "application/javascript" and len(body) > 100_000
+    assert "immutable" in headers["Cache-Control"] and "max-age=31536000" in headers["Cache-Control"]
+    assert _get(server.url + main.rsplit("/", 1)[0] + "/no-such-file.js")[0] == 404
+    assert _get(f"{server.url}/v/not-a-viewer-token/")[0] == 404
+
+
 def test_one_server_per_process(seg, server):
     with pytest.raises(EmloopError, match="one server per process"):
         ViewerServer(seg[0], host="127.0.0.2", poll_s=0)

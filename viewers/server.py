@@ -24,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import importlib.metadata
 import ipaddress
 import logging
+import re
 import threading
 import traceback
 import urllib.parse
@@ -115,6 +117,65 @@ class ThumbHandler(_Handler):
         self.finish(data)
 
 
+NG_CLIENT_PREFIX = "/emloop-ng"
+
+
+def _client_files() -> dict[str, tuple[bytes, str]]:
+    """Neuroglancer's bundled client, read once (names are content-hashed, so cacheable forever)."""
+    global _CLIENT
+    if _CLIENT is None:
+        src = neuroglancer.server.global_static_content_source
+        _CLIENT = {"index.html": src.get("index.html", "")}
+    return _CLIENT
+
+
+_CLIENT: dict | None = None
+
+
+def _ng_version() -> str:
+    try:
+        return importlib.metadata.version("neuroglancer")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source checkout
+        return "dev"
+
+
+class ClientFileHandler(tornado.web.RequestHandler):
+    """``/emloop-ng/<version>/<file>``: the Neuroglancer client under one URL for every viewer.
+
+    Neuroglancer serves its client under each viewer's own ``/v/<token>/``, so a browser downloads and
+    compiles the 1.8 MB bundle again for every new view.  Served here with ``immutable`` caching, the
+    bundle is fetched once and its compiled code is reused by the browser for every later view.
+    """
+
+    def get(self, version, name):
+        files = _client_files()
+        if name not in files:
+            try:
+                files[name] = neuroglancer.server.global_static_content_source.get(name, "")
+            except ValueError:
+                raise tornado.web.HTTPError(404)
+        data, ctype = files[name]
+        self.set_header("Content-Type", ctype)
+        self.set_header("Cache-Control", "public, max-age=31536000, immutable")
+        self.finish(data)
+
+
+class ViewerIndexHandler(tornado.web.RequestHandler):
+    """``/v/<viewer token>/``: Neuroglancer's index page, with its scripts loaded from the shared URL."""
+
+    def get(self, token):
+        gs = neuroglancer.server.global_server
+        if gs is None or (token != gs.token and token not in gs.viewers):
+            raise tornado.web.HTTPError(404)
+        html_doc = _client_files()["index.html"][0].decode()
+        base = f"{NG_CLIENT_PREFIX}/{_ng_version()}/"
+        html_doc = re.sub(r'(src|href)="(?!/|https?:)([^"]+)"', lambda m: f'{m.group(1)}="{base}{m.group(2)}"',
+                          html_doc)
+        self.set_header("Content-Type", "text/html")
+        self.set_header("Cache-Control", "no-cache")
+        self.finish(html_doc)
+
+
 def _is_loopback(host: str) -> bool:
     if host in ("localhost",):
         return True
@@ -187,6 +248,12 @@ class ViewerServer:
 
         def add():
             try:
+                if not getattr(self._ng.app, "_emloop_client_routes", False):
+                    self._ng.app.add_handlers(r".*", [
+                        (r"/v/([^/]+)/", ViewerIndexHandler),
+                        (rf"{NG_CLIENT_PREFIX}/([^/]+)/([a-zA-Z0-9][a-zA-Z0-9_\-.]*)", ClientFileHandler),
+                    ])
+                    self._ng.app._emloop_client_routes = True
                 self._ng.app.add_handlers(r".*", [
                     (rf"{prefix}/data/(.*)", CorsStaticFileHandler, {"path": root}),
                     (rf"{prefix}/open", OpenHandler, {"owner": self}),

@@ -105,30 +105,36 @@ class SegmentationPage(Page):
             pn.pane.Markdown("<small>keys y / n / u answer the shown candidate (click on the page first, outside "
                              "Neuroglancer)</small>"),
             self.queue_holder, title="Review queue (most uncertain first)", sizing_mode="stretch_width")
-        flags_card = pn.Card(pn.Row(self.f_kind, self.f_status, self.f_author), self.flags_note, self.flags_holder,
-                             pn.Row(self.dl_csv, self.dl_json),
-                             pn.Row(self.tr_model, self.tr_profile, self.tr_steps, self.tr_mix),
-                             pn.Row(self.btn_train, self.btn_reseg, self.btn_changes), self.loop_info,
-                             title="Flags (click a row to jump)", sizing_mode="stretch_width")
-        metrics = pn.Card(pn.Row(pn.Column(pn.pane.Markdown("**against ground truth**"), self.metrics_sup),
-                                 pn.Column(pn.pane.Markdown("**unsupervised**"), self.metrics_unsup),
-                                 sizing_mode="stretch_width"),
-                          title="Metrics", sizing_mode="stretch_width")
+        # what the reviewer needs first (Neuroglancer, the candidate and its answer buttons) is in the page
+        # that is sent; the tables, filters, metrics and loop controls join it once it is in the browser,
+        # so the Neuroglancer client starts loading sooner (a page's widgets cost server and browser time)
+        self.flags_body = pn.Column(sizing_mode="stretch_width")
+        flags_card = pn.Card(self.flags_body, title="Flags (click a row to jump)", sizing_mode="stretch_width")
+        self.metrics_body = pn.Column(sizing_mode="stretch_width")
+        metrics = pn.Card(self.metrics_body, title="Metrics", sizing_mode="stretch_width")
         # the size plot is made when its card is opened (a plot costs page-load time in every browser)
         self.hist_card = pn.Card(self.hist, title="Object size distribution", collapsed=True,
                                  sizing_mode="stretch_width")
         self.hist_card.param.watch(lambda e: self._show_hist() if not e.new else None, "collapsed")
+        self.extras = pn.Column(sizing_mode="stretch_width")
         left = pn.Column(self.prod_select, self.info, queue_card, flags_card, sizing_mode="stretch_width")
-        right = pn.Column(self.layout, self.ng.pane, self.note, self.keyhelp, metrics, self.hist_card,
-                          sizing_mode="stretch_width")
+        self._metrics_card = metrics
+        right = pn.Column(self.layout, self.ng.pane, self.note, self.extras, sizing_mode="stretch_width")
         self._load_products()
-        # the two tables join the page once it is in the browser: Neuroglancer and the candidate come first
-        pn.state.onload(self._attach_tables)
+        pn.state.onload(self._attach_rest)
         return pn.Row(left, right, sizing_mode="stretch_width")
 
-    def _attach_tables(self) -> None:
+    def _attach_rest(self) -> None:
         self.queue_holder.objects = [self.queue_table]
         self.flags_holder.objects = [self.flags]
+        self.flags_body.objects = [pn.Row(self.f_kind, self.f_status, self.f_author), self.flags_note,
+                                   self.flags_holder, pn.Row(self.dl_csv, self.dl_json),
+                                   pn.Row(self.tr_model, self.tr_profile, self.tr_steps, self.tr_mix),
+                                   pn.Row(self.btn_train, self.btn_reseg, self.btn_changes), self.loop_info]
+        self.metrics_body.objects = [pn.Row(pn.Column(pn.pane.Markdown("**against ground truth**"), self.metrics_sup),
+                                            pn.Column(pn.pane.Markdown("**unsupervised**"), self.metrics_unsup),
+                                            sizing_mode="stretch_width")]
+        self.extras.objects = [self.keyhelp, self._metrics_card, self.hist_card]
 
     @staticmethod
     def _key_help() -> str:
