@@ -10,9 +10,14 @@ machine does not distort them; wall-clock figures are stored too)
   4 × 1280×1080) — MP = tile pixels in / wall second;
 * alignment (coarse rigid + 2 elastic rounds + render + QC) on the synthetic demo
   montaged sections — MP = section pixels / wall second;
-* the MPI stages end to end (ingest excluded) with 1 and 2 ranks on the synthetic
-  demo project: wall time, efficiency T1 / (2·T2), work efficiency (CPU seconds of
-  1 rank / CPU seconds of both ranks: redundant work and waiting), peak RSS per rank.
+* the MPI stages end to end (ingest excluded) with 1 and 2 ranks on a 32-section
+  synthetic demo project (--mpi-sections): wall time, efficiency T1 / (2·T2) of the
+  whole job and of the stage's compute (between two barriers, without start-up),
+  work efficiency (CPU seconds of 1 rank / CPU seconds of both ranks: redundant work
+  and waiting), peak RSS per rank, load average before each run, and whether the
+  products of 1 and 2 ranks are identical.
+The single-core montage figures are measured twice: with glibc's default malloc and
+with parallel.tune_malloc() as the stages run (see there).
 Writes bench/results/montage_align.json and prints a table.
 """
 from __future__ import annotations
@@ -38,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline_core import synth  # noqa: E402
 from pipeline_core.align import align_stack  # noqa: E402
 from pipeline_core.montage import montage_section, render_montage  # noqa: E402
+from pipeline_core.parallel import tune_malloc  # noqa: E402
 
 SHARED = Path(os.environ.get("EMLOOP_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -78,18 +84,26 @@ def _rate(mp: float, walls, cpus) -> dict:
             "mp_per_s_per_core_best": round(mp / min(cpus), 2)}
 
 
-def bench_montage_synth(data, reps: int = 5) -> dict:
+def bench_montage_synth(data, reps: int = 5, n_sections: int = 8) -> dict:
     Z, T, th, tw = data.tiles.shape
+    Z = min(Z, n_sections)
+    out_px = [0]
 
     def run():
+        out_px[0] = 0
         for z in range(Z):
             tiles = list(data.tiles[z])
             res = montage_section(tiles, data.tile_stage_positions[z])
-            render_montage(tiles, res.positions)
+            img, _ = render_montage(tiles, res.positions)
+            out_px[0] += img.size
 
     run()  # warm-up (FFT plans, caches)
     walls, cpus = _timed(run, reps)
-    return {"data": f"synthetic demo {Z}x{T} tiles of {th}x{tw}", **_rate(Z * T * th * tw / 1e6, walls, cpus)}
+    r = _rate(Z * T * th * tw / 1e6, walls, cpus)
+    mp_out = out_px[0] / 1e6
+    return {"data": f"synthetic demo {Z}x{T} tiles of {th}x{tw}", **r,
+            "output_megapixels_per_rep": round(mp_out, 3),
+            "output_mp_per_s_per_core": round(mp_out / float(np.median(cpus)), 2)}
 
 
 def bench_montage_real(reps: int = 7) -> dict | None:
@@ -103,17 +117,23 @@ def bench_montage_real(reps: int = 7) -> dict | None:
     mask = tifffile.imread(d / "mask.tif_level_1_mipmap.tif") > 0
     stage = np.array([t["approx_translation_level1"][::-1] for t in js["tiles"]])
 
+    out_px = [0]
+
     def run():
         res = montage_section(tiles, stage, masks=mask)
-        render_montage(tiles, res.positions, masks=mask)
+        img, _ = render_montage(tiles, res.positions, masks=mask)
+        out_px[0] = img.size
 
     run()  # warm-up (FFT plans, caches)
     walls, cpus = _timed(run, reps)
-    return {"data": "real TEMCA tiles 4 x 1280x1080 (perftest_4tiles_level1)", **_rate(sum(t.size for t in tiles) / 1e6, walls, cpus)}
+    mp_out = out_px[0] / 1e6
+    return {"data": "real TEMCA tiles 4 x 1280x1080 (perftest_4tiles_level1)", **_rate(sum(t.size for t in tiles) / 1e6, walls, cpus),
+            "output_megapixels_per_rep": round(mp_out, 3),
+            "output_mp_per_s_per_core": round(mp_out / float(np.median(cpus)), 2)}
 
 
-def bench_align(data) -> dict:
-    S = data.section_images
+def bench_align(data, n_sections: int = 8) -> dict:
+    S = data.section_images[:n_sections]
     t0, c0 = time.perf_counter(), time.process_time()
     r = align_stack(S)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -156,16 +176,25 @@ def bench_mpi(data) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="emloop-bench-"))
     proj = Project.init(tmp / "proj", user="bench")
     ingest_synthetic(proj, data, user="bench")
-    out = {"montage": [], "align": []}
+    out = {"data": f"synthetic demo project, {data.tiles.shape[0]} sections of {data.tiles.shape[1]} tiles "
+                   f"{data.tiles.shape[2]}x{data.tiles.shape[3]}", "montage": [], "align": []}
     mids = []
     for n in (1, 2):
         rid = prepare_run(proj, "montage", user="bench")
-        out["montage"].append(_stage("montage", proj.root, rid, n))
+        load = [round(x, 2) for x in os.getloadavg()]
+        out["montage"].append({**_stage("montage", proj.root, rid, n), "loadavg_1_5_15_at_start": load})
         mids.append(rid)
     proj.catalog.review(mids[0], "approve", "bench")
+    aids = []
     for n in (1, 2):
         rid = prepare_run(proj, "align", user="bench")
-        out["align"].append(_stage("align", proj.root, rid, n))
+        aids.append(rid)
+        load = [round(x, 2) for x in os.getloadavg()]
+        out["align"].append({**_stage("align", proj.root, rid, n), "loadavg_1_5_15_at_start": load})
+    hashes = {k: [json.loads((proj.root / "runs" / str(r) / "metrics.json").read_text()).get("content_hash")
+                  for r in rids] for k, rids in (("montage", mids), ("align", aids))}
+    for k in hashes:
+        out[k + "_identical_for_1_and_2_ranks"] = len(set(hashes[k])) == 1
     Z, T, th, tw = data.tiles.shape
     for k, mp in (("montage", Z * T * th * tw / 1e6), ("align", data.section_images.size / 1e6)):
         t1, t2 = out[k][0]["seconds"], out[k][1]["seconds"]
@@ -182,22 +211,35 @@ def bench_mpi(data) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", type=int, default=8, help="sections of the synthetic demo data (default 8)")
+    ap.add_argument("--sections", type=int, default=8, help="sections for the single-core measurements (default 8)")
+    ap.add_argument("--mpi-sections", type=int, default=32,
+                    help="sections of the synthetic demo project for the 1 vs 2 rank runs (default 32: "
+                         "enough work that process start-up and the serial finalisation are amortised)")
     ap.add_argument("--no-mpi", action="store_true", help="skip the 1 vs 2 rank stage runs")
     args = ap.parse_args()
     t = time.perf_counter()
-    data = synth.generate("demo", seed=0, n_sections=args.sections)
+    load0 = [round(x, 2) for x in os.getloadavg()]
+    n_gen = args.sections if args.no_mpi else max(args.sections, args.mpi_sections)
+    data = synth.generate("demo", seed=0, n_sections=n_gen)
     gen_s = time.perf_counter() - t
     res = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "note": "2 shared cores; other processes may have been running",
-                    "loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()]},
+                    "loadavg_1_5_15_at_start": load0},
         "synthetic_generation_s": round(gen_s, 1),
+        "synthetic_sections_generated": n_gen,
         "targets": {"montage_mp_per_s_per_core": 50, "align_mp_per_s_per_core": 5, "efficiency_1_to_2": 0.9},
-        "montage_synthetic": bench_montage_synth(data),
-        "montage_real": bench_montage_real(),
-        "align_synthetic": bench_align(data),
+        "megapixels": "mp_per_s_per_core counts the tile pixels read (input); output_mp_per_s_per_core counts "
+                      "the rendered section's pixels (output canvas, overlaps counted once)",
+        # default glibc malloc first: fresh large arrays cost a page fault per 4 KiB on this VM
+        "montage_synthetic_default_malloc": bench_montage_synth(data, n_sections=args.sections),
+        "montage_real_default_malloc": bench_montage_real(),
     }
+    # the montage and align stages run with parallel.tune_malloc() (heap reuse of freed arrays)
+    res["malloc_tuned"] = tune_malloc()
+    res["montage_synthetic"] = bench_montage_synth(data, n_sections=args.sections)
+    res["montage_real"] = bench_montage_real()
+    res["align_synthetic"] = bench_align(data, n_sections=args.sections)
     if not args.no_mpi:
         res["mpi"] = bench_mpi(data)
     out = ROOT / "bench" / "results" / "montage_align.json"

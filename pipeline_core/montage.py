@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -241,14 +242,34 @@ def check_tile(tile, name: str) -> np.ndarray | None:
 # --------------------------------------------------------------------------- texture
 
 
+def _int_median2(counts: np.ndarray, n: int) -> int:
+    """2 × the median (numpy's definition: mean of the two middle values) of ``n`` values given
+    as a histogram ``counts`` over consecutive integers starting at 0; returns the doubled index sum."""
+    c = np.cumsum(counts)
+    lo = int(np.searchsorted(c, (n - 1) // 2, side="right"))
+    hi = int(np.searchsorted(c, n // 2, side="right"))
+    return lo + hi
+
+
 def _binned_noise(a: np.ndarray, bin_size: int) -> float:
     """Robust pixel-noise std (from horizontal differences of a row subsample) / bin_size."""
     step = max(1, a.shape[0] // 32)
-    rows = np.asarray(a[::step], dtype=_F32)
-    d = np.diff(rows, axis=1).ravel()
-    if d.size == 0:
-        return 0.0
-    mad = float(np.median(np.abs(d - np.median(d))))
+    if a.dtype.kind in "uib" and a.dtype.itemsize == 1:
+        # 8-bit tiles: the same medians exactly, from histograms of the integer differences
+        rows = np.asarray(a[::step], dtype=np.int16)
+        d = np.diff(rows, axis=1).ravel()
+        if d.size == 0:
+            return 0.0
+        n = d.size
+        m2 = _int_median2(np.bincount(d + 512, minlength=1024), n) - 2 * 512  # 2 × median(d)
+        dev2 = np.abs(2 * d - m2)  # 2 × |d − median(d)|, integer
+        mad = _int_median2(np.bincount(dev2), n) / 4.0
+    else:
+        rows = np.asarray(a[::step], dtype=_F32)
+        d = np.diff(rows, axis=1).ravel()
+        if d.size == 0:
+            return 0.0
+        mad = float(np.median(np.abs(d - np.median(d))))
     sigma = 1.4826 * mad / math.sqrt(2.0)
     return sigma / bin_size
 
@@ -394,21 +415,29 @@ def register_pair(
     fft_shape = (sfft.next_fast_len(h + pad[0], real=True), sfft.next_fast_len(w + pad[1], real=True))
     fa_ = sfft.rfft2(an, s=fft_shape, workers=1)
     fb_ = sfft.rfft2(bn, s=fft_shape, workers=1)
-    r = np.conj(fa_)
+    r = np.conj(fa_, out=fa_)
     r *= fb_
+    filt = spectral_filter(fft_shape, p.highpass_sigma, p.lowpass_sigma) if (p.highpass_sigma > 0 or p.lowpass_sigma > 0) else None
     if p.whiten > 0:
+        # one real weight (band-pass / |cross power|^p) applied in a single complex pass
         mag = np.abs(r)
         mag += _F32(1e-6) * float(mag.max()) + _F32(1e-20)
-        r /= mag if p.whiten == 1.0 else mag ** _F32(p.whiten)
-    if p.highpass_sigma > 0 or p.lowpass_sigma > 0:
-        r *= spectral_filter(fft_shape, p.highpass_sigma, p.lowpass_sigma)
+        if p.whiten != 1.0:
+            mag **= _F32(p.whiten)
+        if filt is not None:
+            np.divide(filt, mag, out=mag)
+        else:
+            np.reciprocal(mag, out=mag)
+        r *= mag
+    elif filt is not None:
+        r *= filt
     surf = sfft.irfft2(r, s=fft_shape, workers=1)
     iy, ix, peak, second = find_peaks(surf, (min(ms, h - 1), min(ms, w - 1)), exclude_radius=3)
     iy, ix, peak, second = int(iy), int(ix), float(peak), float(second)
     ratio = peak / second if second > 0 else float("inf")
     res["peak_ratio"] = ratio
     if p.upsample and p.upsample > 1:
-        dy, dx, _ = upsampled_peak(r, fft_shape, (iy, ix), radius=1.0, upsample=p.upsample)
+        dy, dx, _ = _upsampled_peak(r, fft_shape, (iy, ix), radius=1.0, upsample=p.upsample)
     else:
         c = surf
         fy = _parabola(c[(iy - 1) % c.shape[0], ix % c.shape[1]], c[iy % c.shape[0], ix % c.shape[1]], c[(iy + 1) % c.shape[0], ix % c.shape[1]])
@@ -442,6 +471,62 @@ def register_pair(
     return res
 
 
+_DFT_CACHE: dict = {}
+
+
+def _dft_tables(fft_shape: tuple[int, int], n: int, upsample: int):
+    """Matrix-DFT tables of :func:`_upsampled_peak` that do not depend on the peak (cached)."""
+    key = (int(fft_shape[0]), int(fft_shape[1]), n, int(upsample))
+    hit = _DFT_CACHE.get(key)
+    if hit is None:
+        Y, X = key[:2]
+        off = (np.arange(n) - n // 2) / float(upsample)
+        ky = sfft.fftfreq(Y, d=1.0 / Y)  # integer frequencies (signed)
+        kx = np.arange(X // 2 + 1, dtype=np.float64)
+        wx = np.full(X // 2 + 1, 2.0)
+        wx[0] = 1.0
+        if X % 2 == 0:
+            wx[-1] = 1.0
+        ey0 = np.exp(2j * np.pi * np.outer(off, ky) / Y)  # (n, Y) at centre 0
+        ex0 = wx[:, None] * np.exp(2j * np.pi * np.outer(kx, off) / X)  # (X', n)
+        hit = (off, ky, kx, ey0, ex0)
+        if len(_DFT_CACHE) > 64:
+            _DFT_CACHE.clear()
+        _DFT_CACHE[key] = hit
+    return hit
+
+
+def _upsampled_peak(spectrum: np.ndarray, fft_shape: tuple[int, int], center: tuple[int, int], *,
+                    radius: float = 1.0, upsample: int = 20) -> tuple[float, float, float]:
+    """:func:`~pipeline_core.registration.upsampled_peak` (same grid, same parabola refinement)
+    with the DFT kernels cached per FFT shape and shifted to the integer ``center`` by one phase ramp."""
+    Y, X = fft_shape
+    n = int(2 * round(radius * upsample) + 1)
+    off, ky, kx, ey0, ex0 = _dft_tables(fft_shape, n, upsample)
+    cy, cx = int(center[0]), int(center[1])
+    # exp(2πi (c + o) k / N) = exp(2πi c k / N) · exp(2πi o k / N); c k is an integer, so reduce it mod N
+    ph_y = np.exp(2j * np.pi * ((cy * ky.astype(np.int64)) % Y) / Y)
+    ph_x = np.exp(2j * np.pi * ((cx * kx.astype(np.int64)) % X) / X)
+    ey = (ey0 * ph_y[None, :]).astype(np.complex64)
+    ex = (ex0 * ph_x[:, None]).astype(np.complex64)
+    vals = ((ey @ spectrum.astype(np.complex64, copy=False)) @ ex).real / (Y * X)
+    iy, ix = np.unravel_index(int(np.argmax(vals)), vals.shape)
+    sy = cy + off
+    sx = cx + off
+    dy, dx = float(sy[iy]), float(sx[ix])
+    if 0 < iy < n - 1 and 0 < ix < n - 1:
+        c = vals[iy, ix]
+        ym, yp = vals[iy - 1, ix], vals[iy + 1, ix]
+        xm, xp = vals[iy, ix - 1], vals[iy, ix + 1]
+        deny = ym - 2 * c + yp
+        denx = xm - 2 * c + xp
+        if deny < 0:
+            dy += float(np.clip(0.5 * (ym - yp) / deny, -0.5, 0.5)) / upsample
+        if denx < 0:
+            dx += float(np.clip(0.5 * (xm - xp) / denx, -0.5, 0.5)) / upsample
+    return dy, dx, float(vals[iy, ix])
+
+
 def _parabola(m: float, c: float, p_: float) -> float:
     den = m - 2 * c + p_
     if den >= 0:
@@ -469,6 +554,16 @@ def _common_region(a, b, off, va=None, vb=None):
 
 
 # --------------------------------------------------------------------------- solve
+
+
+_DENSE_SOLVE_MAX = 400  #: tiles per section up to which the normal equations are solved densely
+
+
+def _cho_solve(A: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve the SPD system ``A x = rhs`` (rhs (n, 2))."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    return cho_solve(cho_factor(A, lower=True, check_finite=False), rhs, check_finite=False)
 
 
 def solve_positions(
@@ -512,13 +607,19 @@ def solve_positions(
             rows = np.concatenate([i, j, i, j])
             cols = np.concatenate([i, j, j, i])
             vals = np.concatenate([wk, wk, -wk, -wk])
-            L = sp.coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsc()
-            A = (L + lam * sp.identity(n, format="csc")).tocsc()
             rhs = lam * s
             np.add.at(rhs, j, wk[:, None] * o[idx])
             np.subtract.at(rhs, i, wk[:, None] * o[idx])
-            solve = spla.factorized(A)
-            pos = np.stack([solve(rhs[:, 0]), solve(rhs[:, 1])], axis=1)
+            if n <= _DENSE_SOLVE_MAX:  # small sections: a dense Cholesky is far cheaper than sparse set-up
+                A = np.zeros((n, n))
+                np.add.at(A, (rows, cols), vals)
+                A[np.diag_indices(n)] += lam
+                pos = _cho_solve(A, rhs)
+            else:
+                L = sp.coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsc()
+                A = (L + lam * sp.identity(n, format="csc")).tocsc()
+                solve = spla.factorized(A)
+                pos = np.stack([solve(rhs[:, 0]), solve(rhs[:, 1])], axis=1)
         else:
             pos = s.copy()
         res = np.full(m, np.nan)
@@ -699,7 +800,11 @@ def montage_section(
             dq = pos[q.j] - pos[q.i] - np.asarray(q.offset)
             q.residual = float(np.hypot(dq[0], dq[1]))
         if q.accepted:
-            q.ncc_solved = _pair_ncc(tl[q.i], tl[q.j], pos[q.j] - pos[q.i], valid[q.i], valid[q.j])
+            d_sol = pos[q.j] - pos[q.i]
+            if (int(round(d_sol[0])), int(round(d_sol[1]))) == (int(round(q.offset[0])), int(round(q.offset[1]))):
+                q.ncc_solved = q.ncc  # same integer placement as measured: the same overlap NCC
+            else:
+                q.ncc_solved = _pair_ncc(tl[q.i], tl[q.j], d_sol, valid[q.i], valid[q.j])
             q.seam_score = float(max(0.0, 1.0 - q.ncc_solved / q.ncc)) if q.ncc > 0 else 0.0
     # tiles that have neighbours but no accepted pair float on their stage position
     has_pair = np.zeros(n, dtype=bool)
@@ -809,38 +914,105 @@ def render_montage(
     H, W = int(shape[0]), int(shape[1])
     mk = _normalise_masks(masks, n, shapes)
     out_dtype = np.dtype(dtype) if dtype is not None else next((np.asarray(t).dtype for t in tiles if t is not None), np.dtype(_F32))
-    num = np.zeros((H, W), dtype=_F32)
-    den = np.zeros((H, W), dtype=_F32)
+    bufs = _scratch()
+    # canvases reused between calls (fresh large arrays cost a page fault per 4 KiB)
+    num = _buffer(bufs, "num", (H, W))
+    den = _buffer(bufs, "den", (H, W))
+    num.fill(0)
+    den.fill(0)
+    by0, by1, bx0, bx1 = H, 0, W, 0  # bounding box of the covered canvas
     for k, t in enumerate(tiles):
         if t is None:
             continue
         py, px = pos[k, 0] - oy, pos[k, 1] - ox
         if interpolation == "nearest":
             iy, ix = int(round(py)), int(round(px))
-            img = np.array(t, dtype=_F32, copy=True)
+            a = np.asarray(t)
+            h, w = a.shape
         else:
             iy, ix = int(math.floor(py)), int(math.floor(px))
-            img = shift_image_linear(t, py - iy, px - ix)
-        wgt = _feather_weight(img.shape, feather, mk[k])
-        h, w = img.shape
+            a = np.asarray(t)
+            h, w = a.shape[0] + 1, a.shape[1] + 1
         y0, x0 = max(0, iy), max(0, ix)
         y1, x1 = min(H, iy + h), min(W, ix + w)
         if y1 <= y0 or x1 <= x0:
             continue
+        wgt = _feather_weight((h, w), feather, mk[k])
+        if interpolation == "nearest":
+            img = _buffer(bufs, "img", (h, w))
+            np.copyto(img, a, casting="unsafe")
+        else:
+            img = _shift_linear_into(a, py - iy, px - ix, bufs)
         sl_t = (slice(y0 - iy, y1 - iy), slice(x0 - ix, x1 - ix))
         wv = wgt[sl_t]
         img_v = img[sl_t]
         img_v *= wv
         num[y0:y1, x0:x1] += img_v
         den[y0:y1, x0:x1] += wv
-    np.maximum(den, _F32(1e-12), out=den)  # uncovered pixels: num = 0 → 0
-    num /= den
-    if np.issubdtype(out_dtype, np.integer):
-        info = np.iinfo(out_dtype)
-        if info.min == 0:  # non-negative: truncation of x + 0.5 rounds
-            num += _F32(0.5)
-            np.clip(num, 0, info.max, out=num)
-        else:
-            np.rint(num, out=num)
-            np.clip(num, info.min, info.max, out=num)
-    return num.astype(out_dtype, copy=False), (oy, ox)
+        by0, by1, bx0, bx1 = min(by0, y0), max(by1, y1), min(bx0, x0), max(bx1, x1)
+    # only the covered box needs normalising: elsewhere num = 0 → 0
+    if by1 > by0 and bx1 > bx0:
+        nb = num[by0:by1, bx0:bx1]
+        db = den[by0:by1, bx0:bx1]
+        np.maximum(db, _F32(1e-12), out=db)  # uncovered pixels: num = 0 → 0
+        nb /= db
+        if np.issubdtype(out_dtype, np.integer):
+            info = np.iinfo(out_dtype)
+            if info.min == 0:  # non-negative: truncation of x + 0.5 rounds
+                nb += _F32(0.5)
+                np.clip(nb, 0, info.max, out=nb)
+            else:
+                np.rint(nb, out=nb)
+                np.clip(nb, info.min, info.max, out=nb)
+    return num.astype(out_dtype, copy=True), (oy, ox)
+
+
+_TLS = threading.local()
+
+
+def _scratch() -> dict:
+    """This thread's scratch buffers of :func:`render_montage` (kept between calls)."""
+    d = getattr(_TLS, "bufs", None)
+    if d is None:
+        d = _TLS.bufs = {}
+    return d
+
+
+def _buffer(bufs: dict, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """A float32 scratch array of ``shape`` reused between the tiles of one render."""
+    b = bufs.get(name)
+    if b is None or b.shape != shape:
+        b = np.empty(shape, dtype=_F32)
+        if b.nbytes <= _SCRATCH_MAX_BYTES:
+            bufs[name] = b
+    return b
+
+
+_SCRATCH_MAX_BYTES = 1 << 28  #: larger canvases are not kept between calls
+
+
+def _shift_linear_into(a: np.ndarray, fy: float, fx: float, bufs: dict) -> np.ndarray:
+    """:func:`~pipeline_core.registration.shift_image_linear` (same arithmetic, same result)
+    into scratch buffers reused between tiles: returns float32 (y+1, x+1)."""
+    h, w = a.shape
+    ax = _buffer(bufs, "ax", (h, w + 1))
+    if fx:
+        np.multiply(a[:, 1:], _F32(1.0 - fx), out=ax[:, 1:w], casting="unsafe")
+        tmp = _buffer(bufs, "tx", (h, w - 1))
+        np.multiply(a[:, :-1], _F32(fx), out=tmp, casting="unsafe")
+        ax[:, 1:w] += tmp
+    else:
+        ax[:, 1:w] = a[:, 1:]
+    ax[:, 0] = a[:, 0]
+    ax[:, w] = a[:, w - 1]
+    out = _buffer(bufs, "img", (h + 1, w + 1))
+    if fy:
+        np.multiply(ax[1:], _F32(1.0 - fy), out=out[1:h])
+        tmp = _buffer(bufs, "ty", (h - 1, w + 1))
+        np.multiply(ax[:-1], _F32(fy), out=tmp)
+        out[1:h] += tmp
+    else:
+        out[1:h] = ax[1:]
+    out[0] = ax[0]
+    out[h] = ax[h - 1]
+    return out

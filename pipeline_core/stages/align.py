@@ -17,7 +17,7 @@ Phases (every per-section result is a file + marker, so a killed job resumes):
    rank 0 relaxes the mesh over the whole stack;
 5. render my sections into their own z planes (+ section-local pyramid);
 6. QC of my sections on the written output, rank 0 finalises and gathers.
-Sections are assigned round-robin; the product does not depend on N.
+Sections are handed out dynamically (one at a time); the product does not depend on N.
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ from ..align import (
     solve_stack_from_pairs,
 )
 from ..errors import InputError
-from .common import StageContext, stage_main
+from ..parallel import tune_malloc
+from .common import SectionWriter, StageContext, stage_main
 
 DEFAULTS: dict = {f.name: f.default for f in AlignParams.__dataclass_fields__.values()}
 DEFAULTS["max_translation"] = 0.0  # 0 = automatic (a third of the section size)
@@ -109,9 +110,12 @@ def run(ctx: StageContext) -> dict:
     meta = store.read_meta(src_path)
     src = store.open_level(src_path, 0)
     Z, H, W = src.shape
-    mine = ctx.my_items(list(range(Z)))
     (ctx.run_dir / "align").mkdir(parents=True, exist_ok=True)
-    steps = 5 * len(mine)
+    tune_malloc()
+    # sections are handed out one at a time in every phase (ctx.dynamic_items: a rank that
+    # finishes early takes the next section); each ends with a barrier
+    n_phases = 5 if (p.elastic and p.elastic_iterations) else 4
+    steps = n_phases * Z if ctx.rank == 0 else 0  # read_progress sums the ranks: rank 0 carries the total
     done = 0
 
     def tick():
@@ -120,7 +124,7 @@ def run(ctx: StageContext) -> dict:
         ctx.progress(done, steps, unit="section steps")
 
     # 1: texture / contrast
-    for z in mine:
+    for z in ctx.dynamic_items(Z):
         f = _w(ctx, f"texture-{z}.npy")
         if not f.exists():
             tex = section_texture(_read_section(src, z), _TEX_BLOCK)
@@ -128,7 +132,6 @@ def run(ctx: StageContext) -> dict:
             np.save(tmp, tex)
             os.replace(tmp, f)
         tick()
-    ctx.barrier()
     texs = [np.load(_w(ctx, f"texture-{z}.npy")) for z in range(Z)]
     p90 = [float(np.percentile(t, 90)) for t in texs]
     ref = float(np.median(p90)) if p90 else 0.0
@@ -148,7 +151,7 @@ def run(ctx: StageContext) -> dict:
     usable = [not b for b in blank]
 
     # 2: coarse pair estimates
-    for z in mine:
+    for z in ctx.dynamic_items(Z):
         f = _w(ctx, f"pairs-{z}.json")
         if not f.exists():
             recs = []
@@ -160,7 +163,6 @@ def run(ctx: StageContext) -> dict:
                     recs.append({"a": a, "b": z, **r})
             store.write_json_atomic(f, recs)
         tick()
-    ctx.barrier()
 
     # 3: stack solve (every rank, deterministic)
     pair_info = []
@@ -186,7 +188,7 @@ def run(ctx: StageContext) -> dict:
                     cache.pop(next(iter(cache)))
             return cache[z]
 
-        for z in mine:
+        for z in ctx.dynamic_items(Z):
             f = _w(ctx, f"flow-{it}-{z}.npz")
             if not f.exists():
                 arrs = {}
@@ -200,7 +202,8 @@ def run(ctx: StageContext) -> dict:
                         arrs[f"weight_{zr}"] = fl["valid"].astype(np.float32)
                         arrs[f"outliers_{zr}"] = np.float32(fl["outlier_fraction"])
                 _save_npz(f, **arrs)
-        ctx.barrier()
+            if it == n_iter - 1:
+                tick()
         vf = _w(ctx, f"fields-{it}.npy")
         if ctx.rank == 0 and not vf.exists():
             flows = []
@@ -223,8 +226,6 @@ def run(ctx: StageContext) -> dict:
                     if keys:
                         zr = max(int(k[9:]) for k in keys)
                         outl[z] = float(d[f"outliers_{zr}"])
-    for _ in mine:
-        tick()
 
     # 5: render my sections into the output
     out = ctx.output_path
@@ -245,16 +246,15 @@ def run(ctx: StageContext) -> dict:
                 if mk.exists():
                     mk.unlink()
     ctx.barrier()
-    for z in mine:
+    writer = SectionWriter(out)
+    for z in ctx.dynamic_items(Z):
         name = f"align-render-{z}"
         if not ctx.block_done(name):
             img = _read_section(src, z)
             o, _ = final_render(img, T[z], V[z] if p.elastic else None, ys, xs, None)
-            store.write_block(out, (slice(z, z + 1), slice(0, H), slice(0, W)), o[None])
-            store.downsample_block(out, (z, z + 1))
+            writer.write(z, o)
             ctx.mark_block(name)
         tick()
-    ctx.barrier()
 
     # 6: QC on the written output
     dst = store.open_level(out, 0, require_complete=False)
@@ -264,7 +264,7 @@ def run(ctx: StageContext) -> dict:
         _, v = final_render(np.zeros((H, W), np.uint8), T[z], V[z] if p.elastic else None, ys, xs, bvs[z][1])
         return v
 
-    for z in mine:
+    for z in ctx.dynamic_items(Z):
         f = _w(ctx, f"qc-{z}.json")
         if not f.exists():
             zp = prev_good[z] if good[z] else (z - 1 if z > 0 else None)
@@ -278,7 +278,6 @@ def run(ctx: StageContext) -> dict:
                      prev_failed=bool(good[z] and zp is not None and zp != z - 1))
             store.write_json_atomic(f, q)
         tick()
-    ctx.barrier()
     if ctx.rank != 0:
         ctx.barrier()  # wait (sleeping) for rank 0's finalisation
         return {}

@@ -301,3 +301,37 @@ def stage_main(stage: str, run_fn: Callable[[StageContext], dict | None], defaul
         if comm is not None and size > 1:
             comm.Abort(code)
         sys.exit(code)
+
+
+class SectionWriter:
+    """Write whole z planes of a block-wise volume plus their section-local pyramid levels.
+
+    Equivalent to :func:`store.write_block` of plane ``z`` followed by
+    :func:`store.downsample_block` ``(z, z + 1)`` (the same values), but the arrays are
+    opened once and each pyramid level is computed from the plane already in memory
+    instead of being read back and decompressed from the level below.
+    """
+
+    def __init__(self, path):
+        import zarr
+
+        from ..store import _downsample
+        self._downsample = _downsample
+        root = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        em = dict(root.attrs["emloop"])
+        self.kind = em["kind"]
+        self.factors = [tuple(f) for f in em["factors"]]
+        self.levels = [root[str(i)] for i in range(len(self.factors))]
+
+    def write(self, z: int, plane) -> None:
+        import numpy as np
+
+        prev = np.asarray(plane)[None]
+        self.levels[0][z:z + 1] = prev
+        for i in range(1, len(self.factors)):
+            f, pf = self.factors[i], self.factors[i - 1]
+            if f[0] != 1:
+                break  # levels binned in z are built by finalize_volume
+            rel = tuple(a // b for a, b in zip(f, pf))
+            prev = self._downsample(prev, rel, self.kind)
+            self.levels[i][z:z + 1] = prev

@@ -9,11 +9,11 @@ Output: a ``montage`` OME-Zarr volume (z, y, x), one section per z plane
 (solved positions, for :func:`export_tile_positions`) and ``metrics.json``.
 
 Phases (each resumable: finished items leave a marker and a result file):
-1. every rank registers and solves its sections (static round-robin);
+1. the ranks register and solve the sections, handed out one at a time (dynamic);
 2. all ranks read every section's positions and derive the same canvas;
    rank 0 creates the output volume (kept on a re-run);
-3. every rank renders its sections into their own z planes and fills the
-   section-local pyramid levels;
+3. the ranks render the sections (dynamic again) into their own z planes and
+   fill the section-local pyramid levels;
 4. rank 0 finalises the volume, registers the product and gathers QC.
 The product depends only on the data and parameters, not on N.
 """
@@ -30,7 +30,8 @@ import numpy as np
 from .. import store
 from ..errors import InputError
 from ..montage import MontageParams, montage_bounds, montage_section, render_montage
-from .common import StageContext, stage_main
+from ..parallel import tune_malloc
+from .common import SectionWriter, StageContext, stage_main
 
 DEFAULTS: dict = {f.name: f.default for f in MontageParams.__dataclass_fields__.values()}
 DEFAULTS["max_shift"] = 0.0  # 0 = automatic (the pair's overlap thickness)
@@ -72,6 +73,12 @@ def _read_section_tiles(data: dict, s: int) -> list[np.ndarray | None]:
     tiles = data["tiles"]
     present = data["present"]
     sec = data["meta"].get("sections", list(range(present.shape[0])))[s]
+    if present[s].all():  # one read of the whole section (one zarr call instead of one per tile)
+        try:
+            block = np.asarray(tiles[s])
+            return [block[t] for t in range(present.shape[1])]
+        except Exception:
+            pass  # fall through: find the unreadable tile and name it
     out = []
     for t in range(present.shape[1]):
         if not present[s, t]:
@@ -84,6 +91,33 @@ def _read_section_tiles(data: dict, s: int) -> list[np.ndarray | None]:
             first = (str(e).splitlines() or [type(e).__name__])[0]
             raise InputError(f"raw tiles section {sec} tile {tid}: cannot read tile data ({first})")
     return out
+
+
+class _TileCache:
+    """Tiles of the sections this rank read in phase 1, kept for phase 3 up to a memory budget."""
+
+    def __init__(self, max_bytes: int | None = None):
+        if max_bytes is None:
+            max_bytes = int(os.environ.get("EMLOOP_MONTAGE_TILE_CACHE_MB", "512")) << 20
+        self.max_bytes = int(max_bytes)
+        self.items: dict[int, list] = {}
+        self.nbytes = 0
+
+    def put(self, s: int, tiles: list) -> None:
+        nb = sum(t.nbytes for t in tiles if t is not None)
+        if self.nbytes + nb <= self.max_bytes:
+            self.items[s] = tiles
+            self.nbytes += nb
+
+    def pop(self, s: int) -> list | None:
+        tiles = self.items.pop(s, None)
+        if tiles is not None:
+            self.nbytes -= sum(t.nbytes for t in tiles if t is not None)
+        return tiles
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.nbytes = 0
 
 
 def _tile_ids(data: dict, s: int) -> list:
@@ -106,15 +140,19 @@ def run(ctx: StageContext) -> dict:
     th, tw = data["tiles"].shape[2:]
     sections = [int(v) for v in data["meta"].get("sections", list(range(S)))]
     vs = tuple(data["meta"].get("voxel_size", (40.0, 8.0, 8.0)))
-    mine = ctx.my_items(list(range(S)))
     (ctx.run_dir / "montage").mkdir(parents=True, exist_ok=True)
+    tune_malloc()
 
-    # phase 1: register + solve my sections
+    # phase 1: register + solve sections, handed out one at a time (a rank that finishes early
+    # takes the next section, so uneven sections do not leave a rank idle)
     done = 0
-    for s in mine:
+    total = 2 * S if ctx.rank == 0 else 0  # read_progress sums the ranks: rank 0 carries the total
+    cache = _TileCache()
+    for s in ctx.dynamic_items(S):
         name = f"montage-solve-{s}"
         if not (ctx.block_done(name) and _section_file(ctx, s).exists()):
             tiles = _read_section_tiles(data, s)
+            cache.put(s, tiles)
             ids = _tile_ids(data, s)
             res = montage_section(tiles, data["stage_positions"][s], p, tile_ids=ids, section=sections[s])
             rec = {
@@ -129,8 +167,8 @@ def run(ctx: StageContext) -> dict:
             store.write_json_atomic(_section_file(ctx, s), rec)
             ctx.mark_block(name)
         done += 1
-        ctx.progress(done, 2 * len(mine), unit="section steps")
-    ctx.barrier()
+        ctx.progress(done, total, unit="section steps")
+    # (dynamic_items ends with a barrier: every section's result file exists now)
 
     # phase 2: common canvas from every section's positions (identical on every rank)
     recs = [json.loads(_section_file(ctx, s).read_text()) for s in range(S)]
@@ -164,21 +202,24 @@ def run(ctx: StageContext) -> dict:
             store.write_json_atomic(canvas_file, {"origin": list(origin), "shape": list(shape)})
     ctx.barrier()
 
-    # phase 3: render my sections into their own z planes
-    for s in mine:
+    # phase 3: render sections into their own z planes (dynamic again; tiles this rank read in
+    # phase 1 are reused from memory)
+    writer = SectionWriter(out)
+    for s in ctx.dynamic_items(S):
         name = f"montage-render-{s}"
         if not ctx.block_done(name):
             r = recs[s]
-            tiles = _read_section_tiles(data, s)
+            tiles = cache.pop(s)
+            if tiles is None:
+                tiles = _read_section_tiles(data, s)
             pos = np.array([[np.nan, np.nan] if row[0] is None else row for row in r["positions"]], dtype=np.float64)
             img, _ = render_montage(tiles, pos, origin=origin, shape=shape, feather=p.feather,
                                     interpolation=p.interpolation, dtype=data["tiles"].dtype)
-            store.write_block(out, (slice(s, s + 1), slice(0, shape[0]), slice(0, shape[1])), img[None])
-            store.downsample_block(out, (s, s + 1))
+            writer.write(s, img)
             ctx.mark_block(name)
         done += 1
-        ctx.progress(done, 2 * len(mine), unit="section steps")
-    ctx.barrier()
+        ctx.progress(done, total, unit="section steps")
+    cache.clear()
 
     if ctx.rank != 0:
         ctx.barrier()  # wait (sleeping) for rank 0's finalisation
