@@ -159,39 +159,68 @@ def test_bad_align_parameter_names_itself():
         AlignParams.from_dict({"max_flow": 40, "block": 32})
 
 
+def _rigid_points(transforms, g, P=None):
+    """Output-frame positions of unperturbed-section points g under the solved *rigid* transforms, (Z, n, 2).
+
+    With P (the applied misalignments) the point is first moved where P_z put it:
+    T_z ∘ P_z, i.e. how far the solved rigid transform undoes P_z."""
+    out = []
+    for z, T in enumerate(transforms):
+        M = T @ (P[z] if P is not None else np.eye(3))
+        out.append(g @ M[:2, :2].T + M[:2, 2])
+    return np.array(out)
+
+
 @pytest.mark.slow
 def test_isbi_known_rigid_misalignments(shared_data):
-    """ISBI 2012 ssTEM (16 sections) with random rigid misalignments (±2°, ±40 px).
+    """ISBI 2012 ssTEM (16 sections) with random rigid misalignments P_z (±2°, ±40 px).
 
-    What is measured: for output grid points, where they come from in the
-    *unperturbed* sections when the misaligned stack is aligned (undoing the
-    applied P_z) versus when the original stack is aligned, RMS over all points
-    and sections after removing one common affine (the stack's gauge is free).
-    This is the recovery error of the applied misalignments: a perfect aligner
-    maps every section of both stacks to the same tissue frame.
+    What is measured (the requirement's "recovered"): how well the solved *rigid*
+    transforms undo the applied P_z.  For a 12×12 grid of points of each
+    unperturbed section, its output position under T_z^mis ∘ P_z (aligning the
+    misaligned stack) is compared with its output position under T_z^orig
+    (aligning the original stack with the same parameters); RMS over all points
+    and sections after one common affine (the stack's gauge is free).  A perfect
+    recovery of P_z gives 0 whatever the aligner does with the original stack.
+    The elastic stage is judged separately, by the NCC criterion below (mean NCC
+    of adjacent output sections ≥ 95 % of the original stack's).
 
-    Why it is not ≈ 0 on this data: adjacent ISBI sections (50 nm apart, 4 nm px)
-    differ non-rigidly by ±5–10 px (local flows between sections 4 and 5 span
-    −16…+13 px), so a neighbour pair's rigid transform depends on which tissue is
-    visible; the perturbation removes up to ~15 % of each section (corners pushed
-    out of the frame), and z−2 pairs correlate over only ~20–30 % of their area
-    and have several equally good local optima.  Measured with the dense rigid
-    refinement: 1.83 px (the block refinement it replaced: 1.9–2.7 px); the
-    issue's 0.5 px target is NOT met on this data (it is on the synthetic stack,
-    test_synthetic_stack_rotations_2deg_shifts_40px).  The bound is the measured
-    value with margin, so a regression to the old estimator fails."""
+    Why not against identity: the distributed stack is already registered, but
+    not rigidly — adjacent sections (50 nm apart, 4 nm px) differ non-rigidly by
+    ±5–10 px and their rigid best fits carry a consistent 0.1–1.8° rotation, so
+    any neighbour-chained rigid solve twists the *unperturbed* stack by ≈ 21 px
+    RMS away from identity (T^orig vs identity: 21.2 px; T^mis∘P vs identity:
+    21.2 px).  That is the aligner's (gauge-like, z-growing) choice on this data,
+    identical with and without the perturbation, not a failure to recover P_z.
+
+    Why it is not ≈ 0: the perturbation removes up to ~15 % of each section and
+    moves the frame against the tissue; a rigid fit to a non-rigid pair depends
+    on the area it integrates over.  Pair estimates differ between the two runs
+    by 0.45 px RMS (0.95 px before the whole-area Gauss–Newton polish), and the
+    neighbour chain accumulates that as a random walk (z−2 pairs correlate over
+    only ~30 % of their area and have several px errors, so they are left out).
+    Measured: 1.03 px (previous default estimator: 2.41 px); the issue's 0.5 px
+    is NOT met on this data (it is on the synthetic stack,
+    test_synthetic_stack_rotations_2deg_shifts_40px).  The test checks that the
+    previous estimator (no polish, z−2 pairs always used) scores worse than the
+    bound, so the metric discriminates."""
     import tifffile
 
     stack = tifffile.imread(shared_data / "isbi2012" / "train_raw.tif")[:16]
     mis, P = _perturb(stack, 2.0, 40.0, seed=1)
     r1 = align_stack(mis)
-    r0 = align_stack(stack)
+    r0 = align_stack(stack, {"elastic": False})  # only its rigid transforms are compared
     H, W = stack.shape[1:]
     g = _grid(H, W, 12, 0.15)
-    score = _rms_modulo_common_affine(_source_points(r1, g, P), _source_points(r0, g))
+    score = _rms_modulo_common_affine(_rigid_points(r1.transforms, g, P), _rigid_points(r0.transforms, g))
     inner = (slice(64, -64), slice(64, -64))
     n_orig = np.mean([ncc(stack[z - 1][inner], stack[z][inner]) for z in range(1, len(stack))])
     n_out = np.mean([ncc(r1.stack[z - 1][inner], r1.stack[z][inner]) for z in range(1, len(stack))])
     assert n_out >= 0.95 * n_orig
-    # peers (SOFIMA) score 5.1 px on this kind of data; measured 1.83 px, bound with margin
-    assert score <= 2.3, score
+    bound = 1.4  # measured 1.03 px, with margin
+    assert score <= bound, score
+    # a worse estimator fails the same measurement
+    bad = {"elastic": False, "refine_polish": False, "long_range_min_match": 0.0}
+    b1, b0 = align_stack(mis, bad), align_stack(stack, bad)
+    bad_score = _rms_modulo_common_affine(_rigid_points(b1.transforms, g, P), _rigid_points(b0.transforms, g))
+    assert bad_score > bound, bad_score
