@@ -42,11 +42,11 @@ USER = "bench"
 CONFIG = {
     "synthetic": dict(parent_steps=150, child_steps=75, batch_size=2, lr_scaling="none", core_size=[8, 96, 96],
                       holdout_z=0, min_size=1000, min_overlap=100, merges=3, splits=3, eval_min_size=1000, min_seg=50,
-                      child_lr=7e-4, mix=0.0, max_evals=300),
+                      child_lr=7e-4, mix=0.0, max_evals=300, preset="tiny"),
     "flyem": dict(parent_steps=150, child_steps=75, batch_size=2, lr_scaling="none", mix=0.0, core_size=[48, 64, 64],
                   holdout_z=0, held_out_z=24, child_lr=7e-4,
                   crop=(slice(0, 96), slice(0, 128), slice(0, 128)), min_size=1000, min_overlap=100, merges=3,
-                  splits=3, eval_min_size=1000, min_seg=50, max_evals=300),
+                  splits=3, eval_min_size=1000, min_seg=50, max_evals=300, preset="tiny"),
 }
 
 
@@ -94,7 +94,7 @@ def run_loop(name: str, root: Path, log=print) -> dict:
     o = ingest_stack(proj, None, voxel_size=vs, image_array=img, labels_array=lab, user=USER, dataset_name=name)
     img_id, lab_id = o["image"][1], o["labels"][1]
     hz = int(cfg["holdout_z"])
-    common = {"preset": "tiny", "batch_size": cfg["batch_size"], "checkpoint_every": 50, "holdout_z": hz,
+    common = {"preset": cfg.get("preset", "tiny"), "batch_size": cfg["batch_size"], "checkpoint_every": 50, "holdout_z": hz,
               "warmup_steps": 10, "lr_scaling": cfg["lr_scaling"]}
     t = time.perf_counter()
     r = _submit(proj, prepare_run(proj, "train", params={**common, "steps": cfg["parent_steps"]},
@@ -183,7 +183,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=("synthetic", "flyem", "both"), default="both")
     ap.add_argument("--keep", default=None, help="folder for the projects (default: a temporary one)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a CONFIG entry for the chosen data set(s), e.g. --set mix=0.5 (JSON values)")
     args = ap.parse_args(argv)
+    for kv in args.set:
+        k, _, v = kv.partition("=")
+        if not _ or any(k not in c for c in CONFIG.values()):
+            raise SystemExit(f"--set {kv}: use KEY=VALUE with KEY one of {sorted(CONFIG['synthetic'])}")
+        for c in CONFIG.values():
+            c[k] = json.loads(v)
     names = ["synthetic", "flyem"] if args.dataset == "both" else [args.dataset]
     out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="emloop-loop-"))
