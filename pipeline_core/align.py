@@ -982,6 +982,42 @@ def displacement_field(v: np.ndarray, ys: np.ndarray, xs: np.ndarray, shape: tup
     return np.stack([My @ v[..., k] @ Mx.T for k in range(2)])
 
 
+def _source_coords(T, v, ys, xs, out_shape):
+    """(sy, sx) float32: the input pixel each output pixel ``q`` samples, ``T⁻¹(q + v(q))``."""
+    oh, ow = out_shape
+    Ti = np.linalg.inv(T)
+    if v is None:
+        qy = np.arange(oh, dtype=_F32)[:, None]
+        qx = np.arange(ow, dtype=_F32)[None, :]
+    else:
+        d = displacement_field(v, ys, xs, (oh, ow))
+        qy = d[0]
+        qy += np.arange(oh, dtype=_F32)[:, None]
+        qx = d[1]
+        qx += np.arange(ow, dtype=_F32)[None, :]
+    sy = _F32(Ti[0, 0]) * qy + _F32(Ti[0, 1]) * qx
+    sy += _F32(Ti[0, 2])
+    sx = _F32(Ti[1, 0]) * qy + _F32(Ti[1, 1]) * qx
+    sx += _F32(Ti[1, 2])
+    return sy, sx
+
+
+def _valid_from_coords(sy, sx, in_shape, mask):
+    h, w = in_shape
+    valid = (sy >= 0) & (sy <= h - 1) & (sx >= 0) & (sx <= w - 1)
+    if mask is not None:
+        iy = np.clip(np.rint(sy), 0, h - 1).astype(np.intp)
+        ix = np.clip(np.rint(sx), 0, w - 1).astype(np.intp)
+        valid &= np.asarray(mask, dtype=bool)[iy, ix]
+    return valid
+
+
+def render_valid(T, v, ys, xs, shape, mask=None) -> np.ndarray:
+    """The ``valid`` mask :func:`render_section` returns for a (y, x) section of ``shape``, without rendering."""
+    sy, sx = _source_coords(T, v, ys, xs, shape)
+    return _valid_from_coords(sy, sx, shape, mask)
+
+
 def render_section(
     img: np.ndarray,
     T: np.ndarray,
@@ -1007,28 +1043,9 @@ def render_section(
     h, w = img.shape
     oh, ow = out_shape if out_shape is not None else img.shape
     odt = np.dtype(dtype) if dtype is not None else img.dtype
-    Ti = np.linalg.inv(T)
-    if v is None:
-        qy = np.arange(oh, dtype=_F32)[:, None]
-        qx = np.arange(ow, dtype=_F32)[None, :]
-    else:
-        d = displacement_field(v, ys, xs, (oh, ow))
-        qy = d[0]
-        qy += np.arange(oh, dtype=_F32)[:, None]
-        qx = d[1]
-        qx += np.arange(ow, dtype=_F32)[None, :]
-    sy = _F32(Ti[0, 0]) * qy + _F32(Ti[0, 1]) * qx
-    sy += _F32(Ti[0, 2])
-    sx = _F32(Ti[1, 0]) * qy + _F32(Ti[1, 1]) * qx
-    sx += _F32(Ti[1, 2])
+    sy, sx = _source_coords(T, v, ys, xs, (oh, ow))
     out = ndi.map_coordinates(np.asarray(img, dtype=_F32), [sy, sx], order=1, cval=0.0, prefilter=False)
-    valid = None
-    if return_valid:
-        valid = (sy >= 0) & (sy <= h - 1) & (sx >= 0) & (sx <= w - 1)
-        if mask is not None:
-            iy = np.clip(np.rint(sy), 0, h - 1).astype(np.intp)
-            ix = np.clip(np.rint(sx), 0, w - 1).astype(np.intp)
-            valid &= np.asarray(mask, dtype=bool)[iy, ix]
+    valid = _valid_from_coords(sy, sx, (h, w), mask) if return_valid else None
     if np.issubdtype(odt, np.integer):
         info = np.iinfo(odt)
         np.rint(out, out=out)

@@ -76,17 +76,23 @@ def carry_into(labels: np.ndarray, shape: tuple[int, int, int], offset: tuple[in
     return out
 
 
-def _bilinear_clamped(ys: np.ndarray, xs: np.ndarray, field: np.ndarray, qy: np.ndarray, qx: np.ndarray) -> np.ndarray:
-    """``field`` (ny, nx, C) on the regular node grid ``ys`` × ``xs`` interpolated bilinearly at (qy, qx),
-    clamped at the border."""
-    from scipy import ndimage as ndi
-
-    fy = (qy - ys[0]) / (ys[1] - ys[0]) if ys.size > 1 else np.zeros_like(qy)
-    fx = (qx - xs[0]) / (xs[1] - xs[0]) if xs.size > 1 else np.zeros_like(qx)
-    fy = np.clip(fy, 0, ys.size - 1)
-    fx = np.clip(fx, 0, xs.size - 1)
-    return np.stack([ndi.map_coordinates(field[..., k], [fy, fx], order=1, mode="nearest")
-                     for k in range(field.shape[-1])], axis=-1)
+def _interp_matrix(nodes: np.ndarray, n: int) -> np.ndarray:
+    """(n, len(nodes)) weights of linear interpolation (clamped at the ends) from a regular node grid
+    to the pixel positions 0..n-1: ``field_at_pixels = W @ field_at_nodes``. ``Wy @ F @ Wx.T`` is the
+    bilinear interpolation of a node field F at every pixel (scipy's ``map_coordinates(order=1,
+    mode="nearest")`` at clipped node coordinates, ~25x faster on a whole section)."""
+    m = nodes.size
+    W = np.zeros((n, m), dtype=np.float64)
+    if m == 1:
+        W[:, 0] = 1.0
+        return W
+    f = np.clip((np.arange(n, dtype=np.float64) - nodes[0]) / (nodes[1] - nodes[0]), 0, m - 1)
+    i0 = np.minimum(np.floor(f).astype(np.intp), m - 2)
+    t = f - i0
+    rows = np.arange(n)
+    W[rows, i0] = 1.0 - t
+    W[rows, i0 + 1] += t
+    return W
 
 
 def carry_by_transforms(labels: np.ndarray, shape: tuple[int, int, int], transforms: dict, tile_positions: dict,
@@ -118,8 +124,10 @@ def carry_by_transforms(labels: np.ndarray, shape: tuple[int, int, int], transfo
             continue
         ey, ex = qy, qx
         if s.get("elastic_dydx") is not None and ny.size and nx.size:
-            e = _bilinear_clamped(ny, nx, np.asarray(s["elastic_dydx"], float), qy, qx)
-            ey, ex = qy + e[..., 0], qx + e[..., 1]
+            # bilinear on the node grid, separable because the query points are the whole pixel grid
+            field = np.asarray(s["elastic_dydx"], float)
+            Wy, Wx = _interp_matrix(ny, H), _interp_matrix(nx, W)
+            ey, ex = qy + Wy @ field[..., 0] @ Wx.T, qx + Wy @ field[..., 1] @ Wx.T
         Minv = np.linalg.inv(np.asarray(s["rigid"], float))
         uy = Minv[0, 0] * ey + Minv[0, 1] * ex + Minv[0, 2]
         ux = Minv[1, 0] * ey + Minv[1, 1] * ex + Minv[1, 2]

@@ -224,3 +224,22 @@ def test_isbi_known_rigid_misalignments(shared_data):
     b1, b0 = align_stack(mis, bad), align_stack(stack, bad)
     bad_score = _rms_modulo_common_affine(_rigid_points(b1.transforms, g, P), _rigid_points(b0.transforms, g))
     assert bad_score > bound, bad_score
+
+
+def test_groundtruth_interp_matrix_is_clamped_bilinear():
+    """The separable node-field interpolation used to carry ground truth through elastic fields equals
+    scipy's bilinear map_coordinates at clipped node coordinates."""
+    from scipy import ndimage as ndi
+
+    from pipeline_core.groundtruth import _interp_matrix
+
+    rng = np.random.default_rng(0)
+    ny, nx = np.arange(5, 120, 16.0), np.arange(-3, 100, 12.0)
+    F = rng.normal(size=(ny.size, nx.size))
+    H, W = 130, 97
+    qy, qx = np.meshgrid(np.arange(H, dtype=float), np.arange(W, dtype=float), indexing="ij")
+    fy = np.clip((qy - ny[0]) / (ny[1] - ny[0]), 0, ny.size - 1)
+    fx = np.clip((qx - nx[0]) / (nx[1] - nx[0]), 0, nx.size - 1)
+    ref = ndi.map_coordinates(F, [fy, fx], order=1, mode="nearest")
+    assert np.allclose(_interp_matrix(ny, H) @ F @ _interp_matrix(nx, W).T, ref, atol=1e-12)
+    assert np.allclose(_interp_matrix(np.array([7.0]), 4), 1.0)        # one node: constant

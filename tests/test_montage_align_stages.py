@@ -66,6 +66,8 @@ def montage_runs(project):
 def test_montage_identical_for_1_and_2_ranks(project, montage_runs):
     m1, m2 = (_metrics(project.root, montage_runs[n]) for n in (1, 2))
     assert m1["content_hash"] == m2["content_hash"]
+    # combined from the writers' plane digests, it is the hash of the data on disk
+    assert m2["content_hash"] == store.content_hash(project.abspath(project.catalog.product(m2["product_id"]).path))
     s = m1["summary"]
     assert s["n_sections"] == 8 and s["n_ok"] == 8
     assert s["truth_position_rms_px"] <= 0.5
@@ -130,6 +132,7 @@ def align_runs(project, montage_runs):
 def test_align_identical_for_1_and_2_ranks_and_qc(project, align_runs):
     m1, m2 = (_metrics(project.root, align_runs[n]) for n in (1, 2))
     assert m1["content_hash"] == m2["content_hash"]
+    assert m2["content_hash"] == store.content_hash(project.abspath(project.catalog.product(m2["product_id"]).path))
     s = m1["summary"]
     assert s["n_sections"] == 8 and s["n_failed"] == 0
     for q in m1["sections"][1:]:

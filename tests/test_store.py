@@ -35,6 +35,19 @@ def test_write_read_multiscale_metadata_in_nm(tmp_path):
     assert m.complete and m.content_hash == h and m.kind == "image"
 
 
+def test_content_hash_from_writers_plane_digests(tmp_path):
+    a = np.random.default_rng(3).integers(0, 255, (5, 40, 30)).astype(np.uint8)
+    p = tmp_path / "v.ome.zarr"
+    h = store.write_volume(p, a, (40, 8, 8))
+    digests = [store.plane_digest(a[z]) for z in range(5)]
+    assert store.content_hash(p) == h == store.content_hash(p, digests)
+    b = a.copy()
+    b[3, 7, 7] ^= 1                                   # one voxel of one plane
+    assert store.combine_plane_digests(a.shape, a.dtype, [store.plane_digest(x) for x in b]) != h
+    with pytest.raises(ValueError, match="4 plane digests for 5"):
+        store.content_hash(p, digests[:4])
+
+
 def test_labels_pyramid_by_striding_never_invents_ids(tmp_path):
     lab = np.random.default_rng(1).integers(1, 5, (64, 64, 64)).astype(np.uint64) * 1000
     p = tmp_path / "lab.ome.zarr"

@@ -37,6 +37,7 @@ from ..align import (
     compute_flow,
     estimate_rigid,
     final_render,
+    render_valid,
     finalize_qc,
     flow_grid,
     previous_good,
@@ -252,8 +253,7 @@ def run(ctx: StageContext) -> dict:
         if not ctx.block_done(name):
             img = _read_section(src, z)
             o, _ = final_render(img, T[z], V[z] if p.elastic else None, ys, xs, None)
-            writer.write(z, o)
-            ctx.mark_block(name)
+            ctx.mark_block(name, {"digest": writer.write(z, o)})
         tick()
 
     # 6: QC on the written output
@@ -261,8 +261,7 @@ def run(ctx: StageContext) -> dict:
     prev_good = previous_good(good)
 
     def out_valid(z):
-        _, v = final_render(np.zeros((H, W), np.uint8), T[z], V[z] if p.elastic else None, ys, xs, bvs[z][1])
-        return v
+        return render_valid(T[z], V[z] if p.elastic else None, ys, xs, (H, W), bvs[z][1])
 
     for z in ctx.dynamic_items(Z):
         f = _w(ctx, f"qc-{z}.json")
@@ -289,7 +288,7 @@ def run(ctx: StageContext) -> dict:
 
 def _finish(ctx, p, Z, H, W, T, V, ys, xs, pair_info, out) -> dict:
     qcs = finalize_qc([json.loads(_w(ctx, f"qc-{z}.json").read_text()) for z in range(Z)], p)
-    digest = store.finalize_volume(out)
+    digest = store.finalize_volume(out, plane_digests=SectionWriter.digests(ctx, [f"align-render-{z}" for z in range(Z)]))
     tr = _transforms_record(T, V if p.elastic else None, ys, xs, qcs, (H, W))
     store.write_json_atomic(ctx.run_dir / "transforms.json", tr)
     metrics = _metrics(qcs, pair_info, p)

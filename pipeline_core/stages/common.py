@@ -323,11 +323,15 @@ class SectionWriter:
         self.factors = [tuple(f) for f in em["factors"]]
         self.levels = [root[str(i)] for i in range(len(self.factors))]
 
-    def write(self, z: int, plane) -> None:
+    def write(self, z: int, plane) -> str:
+        """Write plane ``z`` and its section-local levels; returns the plane's :func:`store.plane_digest`."""
         import numpy as np
 
-        prev = np.asarray(plane)[None]
+        from ..store import plane_digest
+
+        prev = np.ascontiguousarray(plane, dtype=self.levels[0].dtype)[None]
         self.levels[0][z:z + 1] = prev
+        digest = plane_digest(prev[0])
         for i in range(1, len(self.factors)):
             f, pf = self.factors[i], self.factors[i - 1]
             if f[0] != 1:
@@ -335,3 +339,15 @@ class SectionWriter:
             rel = tuple(a // b for a, b in zip(f, pf))
             prev = self._downsample(prev, rel, self.kind)
             self.levels[i][z:z + 1] = prev
+        return digest
+
+    @staticmethod
+    def digests(ctx: "StageContext", names) -> list | None:
+        """The plane digests recorded in the markers ``names`` (one per z), or None if one is missing."""
+        out = []
+        for n in names:
+            info = ctx.block_info(n) or {}
+            if "digest" not in info:
+                return None
+            out.append(info["digest"])
+        return out

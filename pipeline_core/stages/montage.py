@@ -215,8 +215,7 @@ def run(ctx: StageContext) -> dict:
             pos = np.array([[np.nan, np.nan] if row[0] is None else row for row in r["positions"]], dtype=np.float64)
             img, _ = render_montage(tiles, pos, origin=origin, shape=shape, feather=p.feather,
                                     interpolation=p.interpolation, dtype=data["tiles"].dtype)
-            writer.write(s, img)
-            ctx.mark_block(name)
+            ctx.mark_block(name, {"digest": writer.write(s, img)})
         done += 1
         ctx.progress(done, total, unit="section steps")
     cache.clear()
@@ -225,7 +224,9 @@ def run(ctx: StageContext) -> dict:
         ctx.barrier()  # wait (sleeping) for rank 0's finalisation
         return {}
     try:
-        digest = store.finalize_volume(out)
+        # the planes' digests were taken by the ranks that wrote them: rank 0 only combines them
+        digest = store.finalize_volume(out, plane_digests=SectionWriter.digests(
+            ctx, [f"montage-render-{s}" for s in range(S)]))
         positions = _positions_record(recs, origin)
         store.write_json_atomic(ctx.run_dir / "tile_positions.json", positions)
         metrics = _metrics(recs, origin, shape, data, p)
