@@ -278,17 +278,20 @@ def _metrics(recs: list[dict], origin, shape, data: dict, p: MontageParams) -> d
     }
     truth = data.get("groundtruth", {}).get("true_positions")
     if truth is not None:
-        errs = []
-        for s, r in enumerate(recs):
-            pos = np.array([[np.nan, np.nan] if row[0] is None else row for row in r["positions"]], dtype=np.float64)
-            ok = np.isfinite(pos).all(1) & np.array([t in ("ok", "unconnected") for t in r["tile_status"]])
-            if ok.sum() >= 1:
-                e = pos[ok] - np.asarray(truth[s])[ok]
-                e -= e.mean(axis=0)  # the montage frame is defined up to a translation
-                errs.append(e)
-        if errs:
-            e = np.concatenate(errs)
-            summ["truth_position_rms_px"] = round(float(np.sqrt((e**2).sum(1).mean())), 4)
+        # registered tiles ("ok") vs all placed tiles (an "unconnected" tile has no accepted pair and
+        # keeps its stage position, i.e. the stage error; QC marks its section suspicious)
+        for key, accept in (("truth_position_rms_px", ("ok",)), ("truth_position_rms_px_all", ("ok", "unconnected"))):
+            errs = []
+            for s, r in enumerate(recs):
+                pos = np.array([[np.nan, np.nan] if row[0] is None else row for row in r["positions"]], dtype=np.float64)
+                ok = np.isfinite(pos).all(1) & np.array([t in accept for t in r["tile_status"]])
+                if ok.sum() >= 1:
+                    e = pos[ok] - np.asarray(truth[s])[ok]
+                    e -= e.mean(axis=0)  # the montage frame is defined up to a translation
+                    errs.append(e)
+            if errs:
+                e = np.concatenate(errs)
+                summ[key] = round(float(np.sqrt((e**2).sum(1).mean())), 4)
     return {"stage": "montage", "summary": summ, "sections": sec,
             "thresholds": {"suspicious_residual_px": p.suspicious_residual, "fail_residual_px": p.fail_residual,
                            "suspicious_seam": p.suspicious_seam}}
