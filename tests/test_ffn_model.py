@@ -80,6 +80,34 @@ def test_examples_keep_image_and_target_aligned():
     assert len(src.sampler.groups) >= 2  # several local-object-fraction partitions
 
 
+def test_boundary_targets_follow_the_augmented_window():
+    """The auxiliary loss's boundary targets are flipped/permuted with the image: in every drawn window
+    they are positive exactly on the voxels next to a label change (the image encodes the labels)."""
+    cfg = model.preset("tiny", image_mean=0.0, image_std=1.0)
+    lab = np.ones((20, 20, 20), np.uint32)
+    lab[:, :, 12:] = 2
+    lab[:, 7:, :6] = 3
+    img = lab.astype(np.float32) * 10
+    assert np.array_equal(data.boundary_map(lab, ())[:, 3, :], np.isin(np.arange(20), (11, 12))[None].repeat(20, 0))
+    src = data.ExampleSource(img, lab, cfg, ignore_labels=(), permute_axes=(0, 1, 2), boundary_targets=True)
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        ex = src.draw(rng)
+        c = ex.next_center()
+        x, _ = ex.inputs(c)
+        b = ex.boundary_target(c)[..., 0] > 0.5
+        expect = np.zeros(b.shape, bool)
+        for ax in range(3):
+            d = np.diff(x[..., 0], axis=ax) != 0
+            lo, hi = [slice(None)] * 3, [slice(None)] * 3
+            lo[ax], hi[ax] = slice(0, -1), slice(1, None)
+            expect[tuple(lo)] |= d
+            expect[tuple(hi)] |= d
+        inner = (slice(1, -1),) * 3  # a label change just outside the FOV marks its face voxels too
+        assert np.array_equal(b[inner], expect[inner])
+    assert data.ExampleSource(img, lab, cfg, ignore_labels=(), permute_axes=(0, 1, 2)).draw(rng).boundary is None
+
+
 def test_training_window_larger_than_volume_is_an_error():
     cfg = model.preset("demo")
     with pytest.raises(InputError, match="training window"):

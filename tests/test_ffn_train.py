@@ -60,6 +60,26 @@ def test_train_writes_model_dir_and_resumes_exactly(tmp_path):
     assert straight["world_size"] == 1
 
 
+def test_aux_boundary_loss_trains_resumes_and_leaves_the_network_alone(tmp_path):
+    img, lab, vs = _volume()
+    cfg = model.preset("tiny", voxel_size=vs, image_mean=float(img.mean()), image_std=float(img.std()))
+    kw = dict(batch_size=2, checkpoint_every=2, log_every=1, warmup_steps=1, aux_boundary_weight=1.0)
+    train.train(cfg, [(img, lab)], tmp_path / "a", train.TrainParams(steps=4, **kw))
+    train.train(cfg, [(img, lab)], tmp_path / "b", train.TrainParams(steps=2, **kw))
+    train.train(cfg, [(img, lab)], tmp_path / "b", train.TrainParams(steps=4, **kw))     # resumed, head restored
+    with np.load(tmp_path / "a" / "checkpoints" / "ckpt-0000004.npz") as z:
+        assert int(z["n_aux"]) == 2                                                     # the head's kernel + bias
+    plain = model.build_model(cfg)
+    m_a, _ = train.load_model(tmp_path / "a")
+    m_b, _ = train.load_model(tmp_path / "b")
+    assert [w.shape for w in m_a.get_weights()] == [w.shape for w in plain.get_weights()]   # inference net unchanged
+    for u, v in zip(m_a.get_weights(), m_b.get_weights()):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    assert not all(np.array_equal(u, v) for u, v in zip(m_a.get_weights(), plain.get_weights()))
+    with pytest.raises(InputError, match="aux_boundary_weight"):
+        train.TrainParams(aux_boundary_weight=-1)
+
+
 MPI_SCRIPT = r"""
 import sys, json
 from mpi4py import MPI

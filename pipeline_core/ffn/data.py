@@ -71,6 +71,26 @@ def local_object_fraction(labels: np.ndarray, radius, ignore_labels=(0,)) -> np.
     return out
 
 
+def boundary_map(labels: np.ndarray, ignore_labels=(0,)) -> np.ndarray:
+    """(z, y, x) bool: voxels with an ignored label or a 6-neighbour of another label (object boundaries).
+
+    The target of the optional auxiliary boundary loss in training (:class:`TrainParams`
+    ``aux_boundary_weight``): it asks the network's features to find membranes directly, which the
+    flood-filling objective alone teaches only slowly.
+    """
+    labels = np.asarray(labels)
+    b = np.isin(labels, np.asarray(list(ignore_labels), dtype=labels.dtype)) if len(ignore_labels) else \
+        np.zeros(labels.shape, bool)
+    for ax in range(labels.ndim):
+        d = np.diff(labels, axis=ax) != 0
+        lo = [slice(None)] * labels.ndim
+        hi = [slice(None)] * labels.ndim
+        lo[ax], hi[ax] = slice(0, -1), slice(1, None)
+        b[tuple(lo)] |= d
+        b[tuple(hi)] |= d
+    return b
+
+
 def partitions(lof: np.ndarray, thresholds=LOF_THRESHOLDS) -> np.ndarray:
     """Partition index per voxel (int8): bin of the local object fraction, -1 where lof < 0."""
     part = np.digitize(lof, np.asarray(thresholds, dtype=np.float32)).astype(np.int8)
@@ -139,8 +159,10 @@ class TrainingExample:
     network's output logits (fz, fy, fx) into the canvas and queues the moves it supports.
     """
 
-    def __init__(self, image: np.ndarray, target: np.ndarray, cfg: FFNConfig, move_threshold: float = 0.9):
+    def __init__(self, image: np.ndarray, target: np.ndarray, cfg: FFNConfig, move_threshold: float = 0.9,
+                 boundary: np.ndarray | None = None):
         self.image, self.target, self.cfg = image, target, cfg
+        self.boundary = boundary  # soft boundary targets (window shape) for the auxiliary loss, or None
         self.canvas = np.full(image.shape, logit(PRIOR_PROB), dtype=np.float32)
         c = tuple(s // 2 for s in image.shape)
         self.canvas[c] = logit(SEED_PROB)
@@ -169,6 +191,10 @@ class TrainingExample:
         x = np.stack([self.image[sl], self.canvas[sl]], axis=-1)
         return x, self.target[sl][..., None]
 
+    def boundary_target(self, c) -> np.ndarray:
+        """(fz, fy, fx, 1) soft boundary targets at FOV centre c (needs ``boundary``)."""
+        return self.boundary[self._sl(c)][..., None]
+
     def update(self, c, logits: np.ndarray) -> None:
         self.canvas[self._sl(c)] = np.clip(logits, -MASK_LOGIT_CLIP, MASK_LOGIT_CLIP)
         for score, nc in proposed_moves(logits, c, self.cfg.deltas, self.threshold):
@@ -186,13 +212,14 @@ class ExampleSource:
     """
 
     def __init__(self, image: np.ndarray, labels: np.ndarray, cfg: FFNConfig, *, ignore_labels=(0,),
-                 permute_axes=(1, 2), move_threshold: float = 0.9, lof_radius=None):
+                 permute_axes=(1, 2), move_threshold: float = 0.9, lof_radius=None, boundary_targets: bool = False):
         image, labels = np.asarray(image), np.asarray(labels)
         if image.shape != labels.shape or image.ndim != 3:
             raise InputError(f"training data: image shape {image.shape} and labels shape {labels.shape} must be equal 3-D (z, y, x)")
         self.cfg = cfg
         self.image = normalize(image, cfg)
         self.labels = labels
+        self.boundary = boundary_map(labels, ignore_labels) if boundary_targets else None
         self.window = tuple(f + 2 * d for f, d in zip(cfg.fov, cfg.deltas))
         self.half = tuple(w // 2 for w in self.window)
         radius = cfg.radius if lof_radius is None else tuple(int(v) for v in lof_radius)
@@ -216,9 +243,15 @@ class ExampleSource:
             shuffled = [g[i] for i in rng.permutation(len(g))]
             for a, b in zip(g, shuffled):
                 perm[a] = b
+        bnd = self.boundary[sl] if self.boundary is not None else None
         img, obj = img.transpose(perm), obj.transpose(perm)
         flips = tuple(a for a in range(3) if rng.random() < 0.5)
         if flips:
             img, obj = np.flip(img, flips), np.flip(obj, flips)
         target = np.where(obj, np.float32(TARGET_POS), np.float32(TARGET_NEG)).astype(np.float32)
-        return TrainingExample(np.ascontiguousarray(img), target, self.cfg, self.move_threshold)
+        if bnd is not None:
+            bnd = bnd.transpose(perm)
+            if flips:
+                bnd = np.flip(bnd, flips)
+            bnd = np.where(bnd, np.float32(TARGET_POS), np.float32(TARGET_NEG)).astype(np.float32)
+        return TrainingExample(np.ascontiguousarray(img), target, self.cfg, self.move_threshold, boundary=bnd)

@@ -65,6 +65,7 @@ class TrainParams:
     move_threshold: float = 0.9
     permute_axes: tuple = (1, 2)
     ignore_labels: tuple = (0,)
+    aux_boundary_weight: float = 0.0
 
     def __post_init__(self):
         if self.lr_scaling not in LR_SCALINGS:
@@ -74,6 +75,9 @@ class TrainParams:
                 raise InputError(f"training parameter {name}={getattr(self, name)}: must be >= 1")
         if not self.learning_rate > 0 or self.warmup_steps < 0:
             raise InputError(f"training parameters learning_rate={self.learning_rate}, warmup_steps={self.warmup_steps}: need lr > 0, warm-up >= 0")
+        if not float(self.aux_boundary_weight) >= 0:
+            raise InputError(f"training parameter aux_boundary_weight={self.aux_boundary_weight}: must be >= 0")
+        self.aux_boundary_weight = float(self.aux_boundary_weight)
         self.permute_axes = tuple(int(a) for a in self.permute_axes)
         self.ignore_labels = tuple(int(a) for a in self.ignore_labels)
 
@@ -155,23 +159,44 @@ class _Trainer:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.size = comm.Get_size() if comm is not None else 1
         self.model = build_model(cfg, seed=params.seed)
+        self.aux = params.aux_boundary_weight > 0
+        self.aux_head = None
+        if self.aux:  # boundary head on the features that feed the final 1x1x1 update (training only)
+            feats = self.model.get_layer("logit_update").input
+            self.aux_head = keras.layers.Conv3D(1, 1, name="aux_boundary", kernel_initializer=keras.initializers.TruncatedNormal(
+                stddev=math.sqrt(2.0 / cfg.features) * 0.1, seed=params.seed + 7919))
+            self.train_model = keras.Model(self.model.input, [self.model.output, self.aux_head(feats)])
         self.opt = keras.optimizers.Adam(learning_rate=params.learning_rate)
-        self.opt.build(self.model.trainable_variables)
-        self.vars = list(self.model.trainable_variables)
+        self.vars = list(self.model.trainable_variables) + (list(self.aux_head.trainable_variables) if self.aux else [])
+        self.opt.build(self.vars)
         self.shapes = [tuple(v.shape) for v in self.vars]
         self.sizes = [int(np.prod(s)) for s in self.shapes]
         model, opt, vars_ = self.model, self.opt, self.vars
         fov = tuple(cfg.fov)
+        spec_x = tf.TensorSpec((None,) + fov + (2,), tf.float32)
+        spec_y = tf.TensorSpec((None,) + fov + (1,), tf.float32)
 
-        @tf.function(input_signature=[tf.TensorSpec((None,) + fov + (2,), tf.float32),
-                                      tf.TensorSpec((None,) + fov + (1,), tf.float32)])
-        def grad_step(x, y):
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
-            grads = tape.gradient(loss, vars_)
-            flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads] + [tf.reshape(loss, [1])], 0)
-            return flat, logits
+        def _flat(grads, loss):
+            return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads] + [tf.reshape(loss, [1])], 0)
+
+        if self.aux:
+            train_model, w_aux = self.train_model, np.float32(params.aux_boundary_weight)
+
+            @tf.function(input_signature=[spec_x, spec_y, spec_y])
+            def grad_step(x, y, b):
+                with tf.GradientTape() as tape:
+                    logits, blog = train_model(x, training=True)
+                    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
+                    aux = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=b, logits=tf.cast(blog, tf.float32)))
+                    total = loss + w_aux * aux
+                return _flat(tape.gradient(total, vars_), loss), logits
+        else:
+            @tf.function(input_signature=[spec_x, spec_y])
+            def grad_step(x, y):
+                with tf.GradientTape() as tape:
+                    logits = model(x, training=True)
+                    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
+                return _flat(tape.gradient(loss, vars_), loss), logits
 
         sizes, shapes = self.sizes, self.shapes
 
@@ -205,6 +230,10 @@ class _Trainer:
         ov = [np.asarray(v.numpy()) for v in self.opt.variables]
         arrays.update({f"o{i}": v for i, v in enumerate(ov)})
         arrays["n_opt"] = np.array(len(ov))
+        if self.aux_head is not None:
+            aw = self.aux_head.get_weights()
+            arrays.update({f"a{i}": w for i, w in enumerate(aw)})
+            arrays["n_aux"] = np.array(len(aw))
         arrays["step"] = np.array(step)
         tmp = ck_dir / (name + ".tmp.npz")
         np.savez(tmp, **arrays)
@@ -214,6 +243,8 @@ class _Trainer:
     def restore(self, file: Path) -> int:
         with np.load(file) as z:
             self.model.set_weights([z[f"w{i}"] for i in range(int(z["n_weights"]))])
+            if self.aux_head is not None and "n_aux" in z.files:
+                self.aux_head.set_weights([z[f"a{i}"] for i in range(int(z["n_aux"]))])
             n_opt = int(z["n_opt"])
             if n_opt != len(self.opt.variables):
                 raise InputError(f"{file}: optimizer state has {n_opt} variables, expected {len(self.opt.variables)}")
@@ -222,8 +253,10 @@ class _Trainer:
             return int(z["step"])
 
     # -- one step ---------------------------------------------------------------------------
-    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
-        flat, logits = self.grad_step(x, y)
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float, b: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        """One data-parallel step; returns (the flood-filling loss averaged over ranks, this rank's logits).
+        ``b``: boundary targets (same shape as ``y``) when the auxiliary loss is on."""
+        flat, logits = self.grad_step(x, y, b) if self.aux else self.grad_step(x, y)
         buf = flat.numpy()
         if self.comm is not None and self.size > 1:
             from mpi4py import MPI
@@ -257,7 +290,8 @@ def train(cfg: FFNConfig, volumes, model_dir, params: TrainParams | None = None,
     if not volumes:
         raise InputError("training: no (image, labels) volumes given")
     sources = [ExampleSource(im, lb, cfg, ignore_labels=params.ignore_labels, permute_axes=params.permute_axes,
-                             move_threshold=params.move_threshold) for im, lb in volumes]
+                             move_threshold=params.move_threshold, boundary_targets=params.aux_boundary_weight > 0)
+               for im, lb in volumes]
     cfg_path = model_dir / "config.json"
     if rank == 0:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -309,8 +343,9 @@ def train(cfg: FFNConfig, volumes, model_dir, params: TrainParams | None = None,
             centers.append(c)
         xs, ys = zip(*(s.inputs(c) for s, c in zip(slots, centers)))
         x, y = np.stack(xs), np.stack(ys)
+        b = np.stack([s.boundary_target(c) for s, c in zip(slots, centers)]) if tr.aux else None
         lr = scaled_lr(params, size, done)
-        loss, logits = tr.step(x, y, lr)
+        loss, logits = tr.step(x, y, lr, b)
         for s, c, lg in zip(slots, centers, logits):
             s.update(c, lg[..., 0])
         done += 1

@@ -45,6 +45,7 @@ DEFAULTS: dict = {
     "name": "",
     "training_set": 0,
     "mix_original": 0.5,
+    "aux_boundary_weight": 0.0,
 }
 
 PARAM_HELP = {
@@ -58,6 +59,7 @@ PARAM_HELP = {
     "ignore_labels": "label ids never used as training centres (e.g. 0 = boundary)",
     "holdout_z": "last N sections withheld from training and used to score the model against the baseline",
     "dtype_policy": "float32 | mixed_bfloat16",
+    "aux_boundary_weight": "weight of an auxiliary boundary loss in training (0 = off; the segmenting network is unchanged)",
     "training_set": "fine-tune on this TrainingSet (id; 0 = none): regions around reviewed flags; needs --from-model",
     "mix_original": "with a training set: fraction of examples drawn from the original aligned + labels inputs",
 }
@@ -99,7 +101,8 @@ def run(ctx: StageContext) -> dict:
         steps=int(p["steps"]), batch_size=int(p["batch_size"]), learning_rate=float(p["learning_rate"]),
         lr_scaling=str(p["lr_scaling"]), warmup_steps=int(p["warmup_steps"]),
         checkpoint_every=int(p["checkpoint_every"]), seed=int(p["seed"]), move_threshold=float(p["move_threshold"]),
-        permute_axes=(0, 1, 2) if isotropic else (1, 2), ignore_labels=tuple(int(v) for v in p["ignore_labels"]))
+        permute_axes=(0, 1, 2) if isotropic else (1, 2), ignore_labels=tuple(int(v) for v in p["ignore_labels"]),
+        aux_boundary_weight=float(p.get("aux_boundary_weight", 0.0)))
 
     parent_id = ctx.run.model_id
     training_data = {"image_product": ctx.input_product("aligned").id, "labels_product": ctx.input_product("labels").id,
@@ -196,7 +199,8 @@ def _finetune(ctx: StageContext) -> dict:
         steps=int(p["steps"]), batch_size=int(p["batch_size"]), learning_rate=float(p["learning_rate"]),
         lr_scaling=str(p["lr_scaling"]), warmup_steps=int(p["warmup_steps"]),
         checkpoint_every=int(p["checkpoint_every"]), seed=int(p["seed"]), move_threshold=float(p["move_threshold"]),
-        permute_axes=(0, 1, 2) if isotropic else (1, 2), ignore_labels=tuple(int(v) for v in p["ignore_labels"]))
+        permute_axes=(0, 1, 2) if isotropic else (1, 2), ignore_labels=tuple(int(v) for v in p["ignore_labels"]),
+        aux_boundary_weight=float(p.get("aux_boundary_weight", 0.0)))
     model_id = _register_model(ctx, pcfg.preset, parent_id, training_data)
     mdir = ctx.model_dir(model_id)
     summary = ffn_train.train(cfg, vols, mdir, params, comm=ctx.comm, log=ctx.log if ctx.rank == 0 else None,
