@@ -16,8 +16,6 @@ machine does not distort them; wall-clock figures are stored too)
   work efficiency (CPU seconds of 1 rank / CPU seconds of both ranks: redundant work
   and waiting), peak RSS per rank, load average before each run, and whether the
   products of 1 and 2 ranks are identical.
-The single-core montage figures are measured twice: with glibc's default malloc and
-with parallel.tune_malloc() as the stages run (see there).
 Writes bench/results/montage_align.json and prints a table.
 """
 from __future__ import annotations
@@ -43,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 from pipeline_core import synth  # noqa: E402
 from pipeline_core.align import align_stack  # noqa: E402
 from pipeline_core.montage import montage_section, render_montage  # noqa: E402
-from pipeline_core.parallel import tune_malloc  # noqa: E402
 
 SHARED = Path(os.environ.get("EMLOOP_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -231,12 +228,7 @@ def main() -> None:
         "targets": {"montage_mp_per_s_per_core": 50, "align_mp_per_s_per_core": 5, "efficiency_1_to_2": 0.9},
         "megapixels": "mp_per_s_per_core counts the tile pixels read (input); output_mp_per_s_per_core counts "
                       "the rendered section's pixels (output canvas, overlaps counted once)",
-        # default glibc malloc first: fresh large arrays cost a page fault per 4 KiB on this VM
-        "montage_synthetic_default_malloc": bench_montage_synth(data, n_sections=args.sections),
-        "montage_real_default_malloc": bench_montage_real(),
     }
-    # the montage and align stages run with parallel.tune_malloc() (heap reuse of freed arrays)
-    res["malloc_tuned"] = tune_malloc()
     res["montage_synthetic"] = bench_montage_synth(data, n_sections=args.sections)
     res["montage_real"] = bench_montage_real()
     res["align_synthetic"] = bench_align(data, n_sections=args.sections)

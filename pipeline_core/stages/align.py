@@ -47,7 +47,6 @@ from ..align import (
     solve_stack_from_pairs,
 )
 from ..errors import InputError
-from ..parallel import tune_malloc
 from .common import SectionWriter, StageContext, stage_main
 
 DEFAULTS: dict = {f.name: f.default for f in AlignParams.__dataclass_fields__.values()}
@@ -112,7 +111,6 @@ def run(ctx: StageContext) -> dict:
     src = store.open_level(src_path, 0)
     Z, H, W = src.shape
     (ctx.run_dir / "align").mkdir(parents=True, exist_ok=True)
-    tune_malloc()
     # sections are handed out one at a time in every phase (ctx.dynamic_items: a rank that
     # finishes early takes the next section); each ends with a barrier
     n_phases = 5 if (p.elastic and p.elastic_iterations) else 4

@@ -30,7 +30,6 @@ import numpy as np
 from .. import store
 from ..errors import InputError
 from ..montage import MontageParams, montage_bounds, montage_section, render_montage
-from ..parallel import tune_malloc
 from .common import SectionWriter, StageContext, stage_main
 
 DEFAULTS: dict = {f.name: f.default for f in MontageParams.__dataclass_fields__.values()}
@@ -141,7 +140,6 @@ def run(ctx: StageContext) -> dict:
     sections = [int(v) for v in data["meta"].get("sections", list(range(S)))]
     vs = tuple(data["meta"].get("voxel_size", (40.0, 8.0, 8.0)))
     (ctx.run_dir / "montage").mkdir(parents=True, exist_ok=True)
-    tune_malloc()
 
     # phase 1: register + solve sections, handed out one at a time (a rank that finishes early
     # takes the next section, so uneven sections do not leave a rank idle)
