@@ -437,7 +437,7 @@ def register_pair(
     ratio = peak / second if second > 0 else float("inf")
     res["peak_ratio"] = ratio
     if p.upsample and p.upsample > 1:
-        dy, dx, _ = _upsampled_peak(r, fft_shape, (iy, ix), radius=1.0, upsample=p.upsample)
+        dy, dx, _ = upsampled_peak(r, fft_shape, (iy, ix), radius=1.0, upsample=p.upsample)
     else:
         c = surf
         fy = _parabola(c[(iy - 1) % c.shape[0], ix % c.shape[1]], c[iy % c.shape[0], ix % c.shape[1]], c[(iy + 1) % c.shape[0], ix % c.shape[1]])
@@ -469,62 +469,6 @@ def register_pair(
         res["reason"] = "ok"
         res["accepted"] = True
     return res
-
-
-_DFT_CACHE: dict = {}
-
-
-def _dft_tables(fft_shape: tuple[int, int], n: int, upsample: int):
-    """Matrix-DFT tables of :func:`_upsampled_peak` that do not depend on the peak (cached)."""
-    key = (int(fft_shape[0]), int(fft_shape[1]), n, int(upsample))
-    hit = _DFT_CACHE.get(key)
-    if hit is None:
-        Y, X = key[:2]
-        off = (np.arange(n) - n // 2) / float(upsample)
-        ky = sfft.fftfreq(Y, d=1.0 / Y)  # integer frequencies (signed)
-        kx = np.arange(X // 2 + 1, dtype=np.float64)
-        wx = np.full(X // 2 + 1, 2.0)
-        wx[0] = 1.0
-        if X % 2 == 0:
-            wx[-1] = 1.0
-        ey0 = np.exp(2j * np.pi * np.outer(off, ky) / Y)  # (n, Y) at centre 0
-        ex0 = wx[:, None] * np.exp(2j * np.pi * np.outer(kx, off) / X)  # (X', n)
-        hit = (off, ky, kx, ey0, ex0)
-        if len(_DFT_CACHE) > 64:
-            _DFT_CACHE.clear()
-        _DFT_CACHE[key] = hit
-    return hit
-
-
-def _upsampled_peak(spectrum: np.ndarray, fft_shape: tuple[int, int], center: tuple[int, int], *,
-                    radius: float = 1.0, upsample: int = 20) -> tuple[float, float, float]:
-    """:func:`~pipeline_core.registration.upsampled_peak` (same grid, same parabola refinement)
-    with the DFT kernels cached per FFT shape and shifted to the integer ``center`` by one phase ramp."""
-    Y, X = fft_shape
-    n = int(2 * round(radius * upsample) + 1)
-    off, ky, kx, ey0, ex0 = _dft_tables(fft_shape, n, upsample)
-    cy, cx = int(center[0]), int(center[1])
-    # exp(2πi (c + o) k / N) = exp(2πi c k / N) · exp(2πi o k / N); c k is an integer, so reduce it mod N
-    ph_y = np.exp(2j * np.pi * ((cy * ky.astype(np.int64)) % Y) / Y)
-    ph_x = np.exp(2j * np.pi * ((cx * kx.astype(np.int64)) % X) / X)
-    ey = (ey0 * ph_y[None, :]).astype(np.complex64)
-    ex = (ex0 * ph_x[:, None]).astype(np.complex64)
-    vals = ((ey @ spectrum.astype(np.complex64, copy=False)) @ ex).real / (Y * X)
-    iy, ix = np.unravel_index(int(np.argmax(vals)), vals.shape)
-    sy = cy + off
-    sx = cx + off
-    dy, dx = float(sy[iy]), float(sx[ix])
-    if 0 < iy < n - 1 and 0 < ix < n - 1:
-        c = vals[iy, ix]
-        ym, yp = vals[iy - 1, ix], vals[iy + 1, ix]
-        xm, xp = vals[iy, ix - 1], vals[iy, ix + 1]
-        deny = ym - 2 * c + yp
-        denx = xm - 2 * c + xp
-        if deny < 0:
-            dy += float(np.clip(0.5 * (ym - yp) / deny, -0.5, 0.5)) / upsample
-        if denx < 0:
-            dx += float(np.clip(0.5 * (xm - xp) / denx, -0.5, 0.5)) / upsample
-    return dy, dx, float(vals[iy, ix])
 
 
 def _parabola(m: float, c: float, p_: float) -> float:

@@ -307,6 +307,37 @@ def subpixel_parabolic(surface: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> t
     return dy.reshape(lead), dx.reshape(lead)
 
 
+_DFT_CACHE: dict = {}
+
+
+def _dft_tables(fft_shape: tuple[int, int], n: int, upsample: int):
+    """Matrix-DFT tables of :func:`upsampled_peak` that do not depend on the peak (cached per shape)."""
+    key = (int(fft_shape[0]), int(fft_shape[1]), int(n), int(upsample))
+    hit = _DFT_CACHE.get(key)
+    if hit is None:
+        Y, X = key[:2]
+        off = (np.arange(n) - n // 2) / float(upsample)
+        ky = sfft.fftfreq(Y, d=1.0 / Y)  # integer frequencies (signed)
+        kx = np.arange(X // 2 + 1, dtype=np.float64)
+        wx = np.full(X // 2 + 1, 2.0)
+        wx[0] = 1.0
+        if X % 2 == 0:
+            wx[-1] = 1.0
+        ey0 = np.exp(2j * np.pi * np.outer(off, ky) / Y)  # (n, Y) at centre 0
+        ex0 = wx[:, None] * np.exp(2j * np.pi * np.outer(kx, off) / X)  # (X', n)
+        hit = (off, ky, kx, ey0, ex0)
+        if len(_DFT_CACHE) > 64:
+            _DFT_CACHE.clear()
+        _DFT_CACHE[key] = hit
+    return hit
+
+
+def _phase_arg(c: float, k: np.ndarray, N: int) -> np.ndarray:
+    if float(c).is_integer():
+        return ((int(c) * k.astype(np.int64)) % N) / N
+    return float(c) * k / N
+
+
 def upsampled_peak(
     spectrum: np.ndarray,
     fft_shape: tuple[int, int],
@@ -325,18 +356,16 @@ def upsampled_peak(
     """
     Y, X = fft_shape
     n = int(2 * round(radius * upsample) + 1)
-    off = (np.arange(n) - n // 2) / float(upsample)
+    off, ky, kx, ey0, ex0 = _dft_tables(fft_shape, n, upsample)
     sy = center[0] + off
     sx = center[1] + off
-    ky = sfft.fftfreq(Y, d=1.0 / Y)  # integer frequencies (signed)
-    kx = np.arange(X // 2 + 1, dtype=np.float64)
-    wx = np.full(X // 2 + 1, 2.0)
-    wx[0] = 1.0
-    if X % 2 == 0:
-        wx[-1] = 1.0
-    ey = np.exp(2j * np.pi * np.outer(sy, ky) / Y).astype(np.complex64)  # (n, Y)
-    ex = (wx[:, None] * np.exp(2j * np.pi * np.outer(kx, sx) / X)).astype(np.complex64)  # (X', n)
-    vals = (ey @ spectrum.astype(np.complex64, copy=False) @ ex).real / (Y * X)
+    # exp(2πi (c + o) k / N) = exp(2πi c k / N) · exp(2πi o k / N): the tables at centre 0 are cached per
+    # FFT shape; an integer c is reduced mod N so the phase stays exact for large c·k
+    ph_y = np.exp(2j * np.pi * _phase_arg(center[0], ky, Y))
+    ph_x = np.exp(2j * np.pi * _phase_arg(center[1], kx, X))
+    ey = (ey0 * ph_y[None, :]).astype(np.complex64)  # (n, Y)
+    ex = (ex0 * ph_x[:, None]).astype(np.complex64)  # (X', n)
+    vals = ((ey @ spectrum.astype(np.complex64, copy=False)) @ ex).real / (Y * X)
     iy, ix = np.unravel_index(int(np.argmax(vals)), vals.shape)
     dy, dx = float(sy[iy]), float(sx[ix])
     if refine and 0 < iy < n - 1 and 0 < ix < n - 1:
