@@ -886,7 +886,7 @@ def render_montage(
             img = _buffer(bufs, "img", (h, w))
             np.copyto(img, a, casting="unsafe")
         else:
-            img = _shift_linear_into(a, py - iy, px - ix, bufs)
+            img = shift_image_linear(a, py - iy, px - ix, buffer=lambda name, shp: _buffer(bufs, name, shp))
         sl_t = (slice(y0 - iy, y1 - iy), slice(x0 - ix, x1 - ix))
         wv = wgt[sl_t]
         img_v = img[sl_t]
@@ -933,30 +933,3 @@ def _buffer(bufs: dict, name: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 _SCRATCH_MAX_BYTES = 1 << 28  #: larger canvases are not kept between calls
-
-
-def _shift_linear_into(a: np.ndarray, fy: float, fx: float, bufs: dict) -> np.ndarray:
-    """:func:`~pipeline_core.registration.shift_image_linear` (same arithmetic, same result)
-    into scratch buffers reused between tiles: returns float32 (y+1, x+1)."""
-    h, w = a.shape
-    ax = _buffer(bufs, "ax", (h, w + 1))
-    if fx:
-        np.multiply(a[:, 1:], _F32(1.0 - fx), out=ax[:, 1:w], casting="unsafe")
-        tmp = _buffer(bufs, "tx", (h, w - 1))
-        np.multiply(a[:, :-1], _F32(fx), out=tmp, casting="unsafe")
-        ax[:, 1:w] += tmp
-    else:
-        ax[:, 1:w] = a[:, 1:]
-    ax[:, 0] = a[:, 0]
-    ax[:, w] = a[:, w - 1]
-    out = _buffer(bufs, "img", (h + 1, w + 1))
-    if fy:
-        np.multiply(ax[1:], _F32(1.0 - fy), out=out[1:h])
-        tmp = _buffer(bufs, "ty", (h - 1, w + 1))
-        np.multiply(ax[:-1], _F32(fy), out=tmp)
-        out[1:h] += tmp
-    else:
-        out[1:h] = ax[1:]
-    out[0] = ax[0]
-    out[h] = ax[h - 1]
-    return out
