@@ -327,6 +327,36 @@ def content_hash(path, plane_digests=None) -> str:
     return combine_plane_digests(arr.shape, arr.dtype, plane_digests)
 
 
+class SectionWriter:
+    """Write whole z planes of a block-wise volume plus their section-local pyramid levels.
+
+    Equivalent to :func:`write_block` of plane ``z`` followed by :func:`downsample_block`
+    ``(z, z + 1)`` (the same values), but the arrays are opened once and each pyramid level is
+    computed from the plane already in memory instead of being read back from the level below.
+    :meth:`write` returns the plane's :func:`plane_digest` for :func:`finalize_volume`.
+    """
+
+    def __init__(self, path):
+        root = _root(path)
+        em = dict(root.attrs["emloop"])
+        self.kind = em["kind"]
+        self.factors = [tuple(f) for f in em["factors"]]
+        self.levels = [root[str(i)] for i in range(len(self.factors))]
+
+    def write(self, z: int, plane) -> str:
+        """Write plane ``z`` and its section-local levels; returns the plane's digest."""
+        prev = np.ascontiguousarray(plane, dtype=self.levels[0].dtype)[None]
+        self.levels[0][z:z + 1] = prev
+        digest = plane_digest(prev[0])
+        for i in range(1, len(self.factors)):
+            f, pf = self.factors[i], self.factors[i - 1]
+            if f[0] != 1:
+                break  # levels binned in z are built by finalize_volume
+            prev = _downsample(prev, tuple(a // b for a, b in zip(f, pf)), self.kind)
+            self.levels[i][z:z + 1] = prev
+        return digest
+
+
 def finalize_volume(path, *, check=None, pyramid: str = "rest", plane_digests=None) -> str:
     """Finish a block-wise written volume: pyramid, content hash, mark complete.
 

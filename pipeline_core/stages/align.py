@@ -47,7 +47,7 @@ from ..align import (
     solve_stack_from_pairs,
 )
 from ..errors import InputError
-from .common import SectionWriter, StageContext, stage_main
+from .common import StageContext, stage_main
 
 DEFAULTS: dict = {f.name: f.default for f in AlignParams.__dataclass_fields__.values()}
 DEFAULTS["max_translation"] = 0.0  # 0 = automatic (a third of the section size)
@@ -245,7 +245,7 @@ def run(ctx: StageContext) -> dict:
                 if mk.exists():
                     mk.unlink()
     ctx.barrier()
-    writer = SectionWriter(out)
+    writer = store.SectionWriter(out)
     for z in ctx.dynamic_items(Z):
         name = f"align-render-{z}"
         if not ctx.block_done(name):
@@ -286,7 +286,7 @@ def run(ctx: StageContext) -> dict:
 
 def _finish(ctx, p, Z, H, W, T, V, ys, xs, pair_info, out) -> dict:
     qcs = finalize_qc([json.loads(_w(ctx, f"qc-{z}.json").read_text()) for z in range(Z)], p)
-    digest = store.finalize_volume(out, plane_digests=SectionWriter.digests(ctx, [f"align-render-{z}" for z in range(Z)]))
+    digest = store.finalize_volume(out, plane_digests=ctx.plane_digests([f"align-render-{z}" for z in range(Z)]))
     tr = _transforms_record(T, V if p.elastic else None, ys, xs, qcs, (H, W))
     store.write_json_atomic(ctx.run_dir / "transforms.json", tr)
     metrics = _metrics(qcs, pair_info, p)

@@ -194,6 +194,17 @@ class StageContext:
             return None
         return json.loads(p.read_text())
 
+    def plane_digests(self, names) -> list | None:
+        """The plane digests (:func:`store.plane_digest`) recorded in the markers ``names`` (one per z),
+        or None when one is missing (e.g. a marker written before digests were recorded)."""
+        out = []
+        for n in names:
+            info = self.block_info(n) or {}
+            if "digest" not in info:
+                return None
+            out.append(info["digest"])
+        return out
+
     def progress(self, done: int, total: int, unit: str = "blocks") -> None:
         """Report this rank's progress; :func:`read_progress` sums the ranks."""
         write_json_atomic(self.run_dir / "progress" / f"rank-{self.rank}.json",
@@ -302,52 +313,3 @@ def stage_main(stage: str, run_fn: Callable[[StageContext], dict | None], defaul
             comm.Abort(code)
         sys.exit(code)
 
-
-class SectionWriter:
-    """Write whole z planes of a block-wise volume plus their section-local pyramid levels.
-
-    Equivalent to :func:`store.write_block` of plane ``z`` followed by
-    :func:`store.downsample_block` ``(z, z + 1)`` (the same values), but the arrays are
-    opened once and each pyramid level is computed from the plane already in memory
-    instead of being read back and decompressed from the level below.
-    """
-
-    def __init__(self, path):
-        import zarr
-
-        from ..store import _downsample
-        self._downsample = _downsample
-        root = zarr.open_group(str(path), mode="r+", zarr_format=3)
-        em = dict(root.attrs["emloop"])
-        self.kind = em["kind"]
-        self.factors = [tuple(f) for f in em["factors"]]
-        self.levels = [root[str(i)] for i in range(len(self.factors))]
-
-    def write(self, z: int, plane) -> str:
-        """Write plane ``z`` and its section-local levels; returns the plane's :func:`store.plane_digest`."""
-        import numpy as np
-
-        from ..store import plane_digest
-
-        prev = np.ascontiguousarray(plane, dtype=self.levels[0].dtype)[None]
-        self.levels[0][z:z + 1] = prev
-        digest = plane_digest(prev[0])
-        for i in range(1, len(self.factors)):
-            f, pf = self.factors[i], self.factors[i - 1]
-            if f[0] != 1:
-                break  # levels binned in z are built by finalize_volume
-            rel = tuple(a // b for a, b in zip(f, pf))
-            prev = self._downsample(prev, rel, self.kind)
-            self.levels[i][z:z + 1] = prev
-        return digest
-
-    @staticmethod
-    def digests(ctx: "StageContext", names) -> list | None:
-        """The plane digests recorded in the markers ``names`` (one per z), or None if one is missing."""
-        out = []
-        for n in names:
-            info = ctx.block_info(n) or {}
-            if "digest" not in info:
-                return None
-            out.append(info["digest"])
-        return out

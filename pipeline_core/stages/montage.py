@@ -30,7 +30,7 @@ import numpy as np
 from .. import store
 from ..errors import InputError
 from ..montage import MontageParams, montage_bounds, montage_section, render_montage
-from .common import SectionWriter, StageContext, stage_main
+from .common import StageContext, stage_main
 
 DEFAULTS: dict = {f.name: f.default for f in MontageParams.__dataclass_fields__.values()}
 DEFAULTS["max_shift"] = 0.0  # 0 = automatic (the pair's overlap thickness)
@@ -202,7 +202,7 @@ def run(ctx: StageContext) -> dict:
 
     # phase 3: render sections into their own z planes (dynamic again; tiles this rank read in
     # phase 1 are reused from memory)
-    writer = SectionWriter(out)
+    writer = store.SectionWriter(out)
     for s in ctx.dynamic_items(S):
         name = f"montage-render-{s}"
         if not ctx.block_done(name):
@@ -223,8 +223,8 @@ def run(ctx: StageContext) -> dict:
         return {}
     try:
         # the planes' digests were taken by the ranks that wrote them: rank 0 only combines them
-        digest = store.finalize_volume(out, plane_digests=SectionWriter.digests(
-            ctx, [f"montage-render-{s}" for s in range(S)]))
+        digest = store.finalize_volume(out, plane_digests=ctx.plane_digests(
+            [f"montage-render-{s}" for s in range(S)]))
         positions = _positions_record(recs, origin)
         store.write_json_atomic(ctx.run_dir / "tile_positions.json", positions)
         metrics = _metrics(recs, origin, shape, data, p)
