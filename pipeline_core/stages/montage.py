@@ -92,33 +92,6 @@ def _read_section_tiles(data: dict, s: int) -> list[np.ndarray | None]:
     return out
 
 
-class _TileCache:
-    """Tiles of the sections this rank read in phase 1, kept for phase 3 up to a memory budget."""
-
-    def __init__(self, max_bytes: int | None = None):
-        if max_bytes is None:
-            max_bytes = int(os.environ.get("EMLOOP_MONTAGE_TILE_CACHE_MB", "512")) << 20
-        self.max_bytes = int(max_bytes)
-        self.items: dict[int, list] = {}
-        self.nbytes = 0
-
-    def put(self, s: int, tiles: list) -> None:
-        nb = sum(t.nbytes for t in tiles if t is not None)
-        if self.nbytes + nb <= self.max_bytes:
-            self.items[s] = tiles
-            self.nbytes += nb
-
-    def pop(self, s: int) -> list | None:
-        tiles = self.items.pop(s, None)
-        if tiles is not None:
-            self.nbytes -= sum(t.nbytes for t in tiles if t is not None)
-        return tiles
-
-    def clear(self) -> None:
-        self.items.clear()
-        self.nbytes = 0
-
-
 def _tile_ids(data: dict, s: int) -> list:
     ids = data["meta"].get("tile_ids")
     T = data["present"].shape[1]
@@ -145,12 +118,10 @@ def run(ctx: StageContext) -> dict:
     # takes the next section, so uneven sections do not leave a rank idle)
     done = 0
     total = 2 * S if ctx.rank == 0 else 0  # read_progress sums the ranks: rank 0 carries the total
-    cache = _TileCache()
     for s in ctx.dynamic_items(S):
         name = f"montage-solve-{s}"
         if not (ctx.block_done(name) and _section_file(ctx, s).exists()):
             tiles = _read_section_tiles(data, s)
-            cache.put(s, tiles)
             ids = _tile_ids(data, s)
             res = montage_section(tiles, data["stage_positions"][s], p, tile_ids=ids, section=sections[s])
             rec = {
@@ -200,23 +171,19 @@ def run(ctx: StageContext) -> dict:
             store.write_json_atomic(canvas_file, {"origin": list(origin), "shape": list(shape)})
     ctx.barrier()
 
-    # phase 3: render sections into their own z planes (dynamic again; tiles this rank read in
-    # phase 1 are reused from memory)
+    # phase 3: render sections into their own z planes (dynamic again)
     writer = store.SectionWriter(out)
     for s in ctx.dynamic_items(S):
         name = f"montage-render-{s}"
         if not ctx.block_done(name):
             r = recs[s]
-            tiles = cache.pop(s)
-            if tiles is None:
-                tiles = _read_section_tiles(data, s)
+            tiles = _read_section_tiles(data, s)
             pos = np.array([[np.nan, np.nan] if row[0] is None else row for row in r["positions"]], dtype=np.float64)
             img, _ = render_montage(tiles, pos, origin=origin, shape=shape, feather=p.feather,
                                     interpolation=p.interpolation, dtype=data["tiles"].dtype)
             ctx.mark_block(name, {"digest": writer.write(s, img)})
         done += 1
         ctx.progress(done, total, unit="section steps")
-    cache.clear()
 
     if ctx.rank != 0:
         ctx.barrier()  # wait (sleeping) for rank 0's finalisation
