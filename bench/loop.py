@@ -190,8 +190,12 @@ def main(argv=None):
         k, _, v = kv.partition("=")
         if not _ or any(k not in c for c in CONFIG.values()):
             raise SystemExit(f"--set {kv}: use KEY=VALUE with KEY one of {sorted(CONFIG['synthetic'])}")
+        try:
+            val = json.loads(v)
+        except ValueError:
+            raise SystemExit(f"--set {kv}: VALUE must be JSON (e.g. 0.5, 150, '\"demo\"')")
         for c in CONFIG.values():
-            c[k] = json.loads(v)
+            c[k] = val
     names = ["synthetic", "flyem"] if args.dataset == "both" else [args.dataset]
     out = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="emloop-loop-"))
