@@ -78,13 +78,19 @@ def create_app(ctx: ServerContext, user: str | None = None):
     tabs = pn.Tabs(*[(p.title, h) for p, h in zip(pages, holders)], sizing_mode="stretch_width",
                    css_classes=["emloop-tabs"])
 
+    fresh: set[int] = set()  # pages built and not shown since: nothing to refresh yet
+
     def open_page(i: int) -> None:
         if not pages[i].built:
             holders[i].objects = [pages[i].panel()]
+            fresh.add(i)
 
     def on_active(event) -> None:
         open_page(event.new)
-        pages[event.new].refresh()
+        if event.new in fresh:
+            fresh.discard(event.new)
+        else:
+            pages[event.new].refresh()
 
     tabs.param.watch(on_active, "active")
 
@@ -93,6 +99,7 @@ def create_app(ctx: ServerContext, user: str | None = None):
             if p.title == title:
                 open_page(i)
                 tabs.active = i
+                fresh.discard(i)
                 p.focus(**{k: v for k, v in kw.items() if v is not None})
                 return
     app.navigate = navigate
@@ -105,9 +112,9 @@ def create_app(ctx: ServerContext, user: str | None = None):
     for key, name in (("run", "run_id"), ("product", "product_id"), ("job", "job_id")):
         if args.get(key, "").isdigit():
             kw[name] = int(args[key])
+    app.poll()  # the catalog's state now: before the page is built, so it is not refreshed right after
     navigate(target.title, **kw)  # only the page shown is built; the others on their first view
 
-    app.poll()
     cb = pn.state.add_periodic_callback(app.poll, period=int(ctx.poll_s * 1000), start=True)
 
     def cleanup(_session_context) -> None:
@@ -116,9 +123,29 @@ def create_app(ctx: ServerContext, user: str | None = None):
             v.close()
     pn.state.on_session_destroyed(cleanup)
     log.info("session of %s (%s) built in %.2f s", user, app.role, time.perf_counter() - t0)
-    tmpl = pn.template.BootstrapTemplate(title=f"emloop · {ctx.project.name}", header=[header],
-                                         main=[message, tabs], header_background="#243447")
+    tmpl = EmloopTemplate(title=f"emloop · {ctx.project.name}", header=[header], main=[message, tabs],
+                          header_background="#243447")
+    if pn.state.curdoc is not None:  # the template renders the document's template variables
+        pn.state.curdoc.template_variables["emloop_preload"] = preload_html(app.ng_views)
     return tmpl
+
+
+class EmloopTemplate(pn.template.BootstrapTemplate):
+    """The Bootstrap page with a slot (``emloop_preload``) for HTML that must start before BokehJS renders."""
+
+    _template = Path(__file__).parent / "templates" / "page.html"
+
+
+def preload_html(views) -> str:
+    """``<script>`` for the page's head: the shown page's Neuroglancer iframes start loading at once, and the
+    viewers' "first view shows data" messages that arrive before NGReadyListener renders are kept."""
+    frames = "".join(v.preload_script() for v in views)
+    if not frames:
+        return ""
+    return ("<script>window.emloopNgReady = window.emloopNgReady || {};"
+            "window.addEventListener('message', function (e) { var d = e.data;"
+            " if (d && typeof d === 'object' && d.emloopNgReady) window.emloopNgReady[d.emloopNgReady] = d; });"
+            f"{frames}</script>")
 
 
 def _header_html(app: AppState) -> str:

@@ -33,42 +33,59 @@ class NGView:
     author of flags made with the proofreading keys in this view.
     """
 
-    def __init__(self, app: AppState, *, height: int = 560, name: str = "ng"):
+    def __init__(self, app: AppState, *, height: int = 560, name: str = "ng", preload: bool = True):
         self.app = app
         self.height = height
         self.name = name
+        self.preload = preload
         self.viewer = None
         self.url: str | None = None
         self.product_id: int | None = None
-        self.pane = pn.pane.HTML(self._placeholder("no product selected"), sizing_mode="stretch_width",
-                                 height=height + 8, css_classes=["emloop-ng-pane"])
+        self.pane = NGFrame(frame=name, frame_height=height, message="no product selected", height=height + 8,
+                            sizing_mode="stretch_width", css_classes=["emloop-ng-pane"])
         app.ng_views.append(self)
-
-    def _placeholder(self, text: str) -> str:
-        return (f'<div style="height:{self.height}px;display:flex;align-items:center;justify-content:center;'
-                f'background:#111;color:#bbb;font-family:sans-serif">{html.escape(text)}</div>')
 
     def show(self, product_id: int | None, **kw) -> bool:
         """Open a new viewer of ``product_id`` (keyword args as :meth:`ViewerServer.new_viewer`)."""
         self.close()
         self.product_id = product_id
         if product_id is None:
-            self.pane.object = self._placeholder("no product selected")
+            self._placeholder("no product selected")
             return False
         try:
             viewer, url = self.app.ctx.viewers.new_viewer(int(product_id), user=self.app.user or None, **kw)
         except EmloopError as e:
-            self.pane.object = self._placeholder(f"cannot show product {product_id}: {e}")
+            self._placeholder(f"cannot show product {product_id}: {e}")
             return False
         except Exception as e:  # a broken product must not break the page
             log.error("viewer for product %s failed:\n%s", product_id, traceback.format_exc())
-            self.pane.object = self._placeholder(f"cannot show product {product_id}: {type(e).__name__}: {e}")
+            self._placeholder(f"cannot show product {product_id}: {type(e).__name__}: {e}")
             return False
         self.viewer = viewer
         self.url = self.app.browser_url(url)
-        self.pane.object = (f'<iframe class="emloop-ng" name="{html.escape(self.name)}" src="{html.escape(self.url)}" '
-                            f'style="width:100%;height:{self.height}px;border:0" allow="fullscreen"></iframe>')
+        self.pane.param.update(message="", src=self.url)
         return True
+
+    def _placeholder(self, text: str) -> None:
+        self.url = None
+        self.pane.param.update(src="", message=text)
+
+    def preload_script(self) -> str:
+        """JavaScript for the page's ``<head>``: create this view's iframe before BokehJS even loads.
+
+        The iframe is appended to ``<html>`` (the parser is still in the head) where the view will roughly be;
+        :class:`NGFrame` moves it (``Element.moveBefore``, which keeps an iframe running) into its place once
+        rendered.  A browser without ``moveBefore`` drops it and loads the viewer again in place.
+        """
+        if not self.preload or self.viewer is None or not self.url:
+            return ""
+        import json
+        style = (f"position:absolute;top:170px;left:50%;width:48%;height:{self.height}px;border:0;z-index:0")
+        return ("(function () { var f = document.createElement('iframe');"
+                f" f.id = {json.dumps('emloop-preload-' + self.name)}; f.name = {json.dumps(self.name)};"
+                f" f.className = 'emloop-ng'; f.setAttribute('allow', 'fullscreen');"
+                f" f.style.cssText = {json.dumps(style)}; f.src = {json.dumps(self.url)};"
+                " document.documentElement.appendChild(f); })();").replace("</", "<\\/")
 
     def set_state_for(self, product_id: int, **kw) -> None:
         """Replace the viewer's state with the product's view (e.g. another section of raw tiles)."""
@@ -125,6 +142,104 @@ class NGView:
             except Exception:
                 pass
             self.viewer = None
+
+
+class NGFrame(ReactiveHTML):
+    """The iframe of an embedded Neuroglancer viewer (``src``), or a dark box with ``message`` when there is none.
+
+    On its first render it adopts the page's preloaded iframe of the same ``frame`` name and URL (see
+    :meth:`NGView.preload_script`) instead of loading the viewer a second time.
+    """
+
+    src = param.String(default="")
+    frame = param.String(default="ng")
+    frame_height = param.Integer(default=560)
+    message = param.String(default="")
+
+    _template = '<div id="holder" style="width:100%"></div>'
+    _scripts = {
+        "render": "self.mount()",
+        "src": "self.mount()",
+        "message": "self.mount()",
+        "mount": """
+          holder.style.height = data.frame_height + 'px';
+          let f = null;
+          const pre = document.getElementById('emloop-preload-' + data.frame);
+          if (data.src && pre && pre.getAttribute('src') === data.src && holder.moveBefore) {
+            // BokehJS renders into a detached tree first; a move keeps the iframe running only between
+            // connected nodes, so wait for the holder to be in the document (a few frames at most)
+            if (!holder.isConnected && (state.tries = (state.tries || 0) + 1) < 200) {
+              requestAnimationFrame(() => self.mount());
+              return;
+            }
+            try {
+              holder.replaceChildren();
+              holder.moveBefore(pre, null);
+              pre.removeAttribute('id');
+              f = pre;
+            } catch (e) {
+              pre.remove();
+              return self.mount();
+            }
+          } else {
+            if (pre) pre.remove();
+            const old = holder.querySelector('iframe');
+            if (data.src && old && old.getAttribute('src') === data.src) return;
+            holder.replaceChildren();
+            if (!data.src) {
+              const d = document.createElement('div');
+              d.className = 'emloop-ng-placeholder';
+              d.style.cssText = 'height:100%;display:flex;align-items:center;justify-content:center;' +
+                                'background:#111;color:#bbb;font-family:sans-serif';
+              d.textContent = data.message;
+              holder.appendChild(d);
+              return;
+            }
+            f = document.createElement('iframe');
+            f.setAttribute('src', data.src);
+            holder.appendChild(f);
+          }
+          f.className = 'emloop-ng';
+          f.setAttribute('name', data.frame);
+          f.setAttribute('allow', 'fullscreen');
+          f.style.cssText = 'width:100%;height:' + data.frame_height + 'px;border:0';
+          f.setAttribute('data-emloop-placed', '1');  // in its place in the page (tests and bench/ wait for it)
+        """,
+    }
+
+
+class NGReadyListener(ReactiveHTML):
+    """Counts the embedded Neuroglancer's "first view shows data" messages (see ``viewers.server.READY_BEACON``).
+
+    ``frame`` is the iframe's name; ``count`` goes up once per viewer that reported, ``ok`` is False when
+    the viewer gave up waiting (a layer that never loads) and ``ms`` is how long it took after its page loaded.
+    """
+
+    frame = param.String(default="")
+    count = param.Integer(default=0)
+    ok = param.Boolean(default=True)
+    ms = param.Number(default=0.0)
+
+    _template = '<div id="ngready" style="display:none"></div>'
+    _scripts = {
+        "render": """
+          const handler = (ev) => {
+            const d = ev.data;
+            if (!d || typeof d !== 'object' || d.emloopNgReady !== data.frame) return;
+            data.ok = !!d.ok;
+            data.ms = +d.ms || 0;
+            data.count = data.count + 1;
+          };
+          window.addEventListener('message', handler);
+          state.handler = handler;
+          const early = window.emloopNgReady && window.emloopNgReady[data.frame];
+          if (early) {  // the preloaded viewer reported before this listener existed
+            delete window.emloopNgReady[data.frame];
+            handler({data: early});
+          }
+        """,
+        "remove": "window.removeEventListener('message', state.handler);",
+    }
 
 
 # --------------------------------------------------------------------------- keys

@@ -230,3 +230,33 @@ def _view_segments(frame):
     st = json.loads(frame.evaluate("JSON.stringify(window.viewer.state.toJSON())"))
     layer = next((l for l in st.get("layers", []) if l.get("name") == "segmentation"), {})
     return [str(s) for s in layer.get("segments", [])]
+
+
+def test_segmentation_link_preloads_its_viewer(served, chrome, tmp_path):
+    """A link straight to the segmentation review starts its Neuroglancer viewer from the page's head, before
+    BokehJS renders, and the rendered page adopts that iframe (moved into place, not loaded a second time);
+    the viewer reports its first view drawn, and the page's tables join it after that."""
+    proj, base, data = served
+    if not proj.catalog.runs("segment"):
+        fake_segmentation(proj, data.labels, data.voxel_size, merge=touching_pair(data.labels))
+    shots = Path(os.environ.get("EMLOOP_TEST_SCREENSHOTS", tmp_path / "screens"))
+    shots.mkdir(parents=True, exist_ok=True)
+    ctx, page = _login(chrome, base, "pat")
+    loads = []
+    page.on("request", lambda r: loads.append(r.url) if re.search(r"/v/[0-9a-f]+/$", r.url) else None)
+    page.goto(base + "/?page=segmentation")
+    el, frame = _ng_frame(page, "seg-ng")
+    ready = _wait(lambda: frame.evaluate("() => document.documentElement.dataset.emloopReady || ''"), 90, every=0.05)
+    assert ready == "data"
+    assert _wait(lambda: el.get_attribute("data-emloop-placed") == "1", 60, every=0.05)
+    # (that "ready" means the data is drawn is shown by test_viewers_browser on a full image view)
+    page.wait_for_selector(".emloop-flag-table", timeout=60000)  # the rest of the page joined
+    assert len(loads) == 1, f"the viewer page was loaded {len(loads)} times: {loads}"
+    # the preloaded iframe now sits in the page's layout (right column, below the tabs), not on <html>
+    assert page.evaluate("() => document.getElementById('emloop-preload-seg-ng') === null")
+    assert page.evaluate("() => [...document.documentElement.children].every(e => e.tagName !== 'IFRAME')")
+    box = el.bounding_box()
+    assert box["x"] > 600 and box["y"] > 100 and box["height"] == 560
+    assert el.get_attribute("src") == loads[0]
+    page.screenshot(path=str(shots / "11-segmentation-link.png"), full_page=True)
+    ctx.close()

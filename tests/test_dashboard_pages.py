@@ -140,3 +140,52 @@ def test_queue_keys_and_flag_jump(world):
     assert [int(s) for s in seg_layer.segments] == [world.pair[0]]
     text = page._export("csv").getvalue()
     assert text.startswith("id,product_id") and "split" in text
+
+
+def test_segmentation_page_attaches_its_tables_once_neuroglancer_has_drawn(world, monkeypatch):
+    """In a browser session that has not loaded yet, the page is sent with Neuroglancer and the review queue
+    only; its tables, filters and metrics join it when the embedded viewer reports its first view drawn
+    (NGReadyListener), or REST_AFTER_S after load when it never does — once either way."""
+    import panel as pn
+
+    from dashboard.pages import segmentation as S
+    calls = []
+    monkeypatch.setattr(type(pn.state), "loaded", property(lambda self: False))
+    monkeypatch.setattr(pn.state, "onload", lambda cb, threaded=False: calls.append(("onload", cb)))
+    monkeypatch.setattr(pn.state, "add_periodic_callback",
+                        lambda cb, period=0, count=None, **kw: calls.append(("timer", cb, period, count)))
+    app = _app(world, "pat")
+    page = S.SegmentationPage(app)
+    page.panel()
+    assert page.ng.viewer is not None and page.ng.pane.src.endswith("/")
+    assert page.flags_holder.objects == [] and page.flags_body.objects == [] and page.extras.objects == []
+    assert [c[0] for c in calls] == ["onload"]
+    calls[0][1]()  # the page loaded in the browser: only the fallback timer starts
+    assert calls[1][0] == "timer" and calls[1][2] == int(S.REST_AFTER_S * 1000) and calls[1][3] == 1
+    assert page.flags_holder.objects == []
+    page.ng_ready.count += 1  # what the browser sends when the viewer's page posts its message
+    assert page.flags_holder.objects == [page.flags] and page.queue_holder.objects == [page.queue_table]
+    assert page._metrics_card in page.extras.objects
+    body = list(page.flags_body.objects)
+    calls[1][1]()  # the fallback timer fires later: nothing is attached twice
+    page.ng_ready.count += 1
+    assert page.flags_body.objects == body and len(page.extras.objects) == 3
+    page.ng.close()
+
+
+def test_first_page_preloads_its_viewer_in_the_head(world):
+    """The page shown first puts its Neuroglancer iframe in the page's <head> script (started before BokehJS
+    loads); other pages' viewers are not preloaded."""
+    from dashboard.app import EmloopTemplate, preload_html
+    from dashboard.pages.segmentation import SegmentationPage
+    app = _app(world, "pat")
+    page = SegmentationPage(app)
+    page.panel()
+    html = preload_html(app.ng_views)
+    assert html.startswith("<script>") and html.endswith("</script>") and html.count("</script>") == 1
+    assert f'f.src = "{page.ng.url}"' in html and '"emloop-preload-seg-ng"' in html
+    assert preload_html([]) == ""
+    page.ng.close()
+    assert page.ng.preload_script() == ""  # closed: nothing to preload
+    tmpl = EmloopTemplate._template.read_text()
+    assert "{{ emloop_preload }}" in tmpl and "block preamble" in tmpl

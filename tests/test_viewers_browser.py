@@ -63,6 +63,12 @@ def test_flag_key_in_the_browser(tmp_path, browser):
         page1.wait_for_selector("canvas", timeout=60000)
         page2.wait_for_selector("canvas", timeout=60000)
         box = _panel(page1)
+        # the page tells its embedder when its first view is drawn with every chunk it needs
+        # (viewers.server.READY_BEACON); what is on screen then is the data, not a blank panel
+        ready = _wait(lambda: page1.evaluate("() => document.documentElement.dataset.emloopReady || ''"), 90,
+                      every=0.05)
+        assert ready == "data", f"the viewer page reported {ready!r} instead of its data"
+        assert _panel_has_data(page1, box), "the viewer reported ready before its data was drawn"
         # wait for data: the image (zarr3, Blosc/LZ4 chunks decoded by the browser) fills the panel
         assert _wait(lambda: _panel_has_data(page1, box), 90), "no image data drawn in the browser"
         time.sleep(2)

@@ -160,6 +160,41 @@ class ClientFileHandler(tornado.web.RequestHandler):
         self.finish(data)
 
 
+# Told to the embedding page once the first view shows its data: every layer's source is loaded, every
+# visible panel has the chunks it needs, and two frames have been drawn since.  The iframe's <html> gets
+# data-emloop-ready="data" (or "timeout" after 15 s) and the parent window a message
+# {emloopNgReady: <iframe name>, ok, ms}; the dashboard attaches the rest of a page on it, so its own
+# work does not compete with Neuroglancer's first draw.
+READY_BEACON = """<script>(function () {
+  var t0 = performance.now(), done = false;
+  function ready() {
+    var v = window.viewer;
+    if (!v || !v.layerManager || !v.display) return false;
+    var ls = v.layerManager.managedLayers, n = 0;
+    if (!ls.length) return false;
+    for (var i = 0; i < ls.length; i++) if (!ls[i].isReady()) return false;
+    for (var p of v.display.panels) n++;
+    return n > 0 && v.display.isReady();
+  }
+  function post(ok) {
+    if (done) return;
+    done = true;
+    document.documentElement.setAttribute('data-emloop-ready', ok ? 'data' : 'timeout');
+    try { parent.postMessage({emloopNgReady: window.name || '', ok: ok, ms: performance.now() - t0}, '*'); }
+    catch (e) {}
+  }
+  function poll() {
+    if (done) return;
+    var ok = false;
+    try { ok = ready(); } catch (e) {}
+    if (ok) requestAnimationFrame(function () { requestAnimationFrame(function () { post(true); }); });
+    else if (performance.now() - t0 > 15000) post(false);
+    else setTimeout(poll, 40);
+  }
+  poll();
+})();</script>"""
+
+
 class ViewerIndexHandler(tornado.web.RequestHandler):
     """``/v/<viewer token>/``: Neuroglancer's index page, with its scripts loaded from the shared URL."""
 
@@ -171,6 +206,7 @@ class ViewerIndexHandler(tornado.web.RequestHandler):
         base = f"{NG_CLIENT_PREFIX}/{_ng_version()}/"
         html_doc = re.sub(r'(src|href)="(?!/|https?:)([^"]+)"', lambda m: f'{m.group(1)}="{base}{m.group(2)}"',
                           html_doc)
+        html_doc = html_doc.replace("</body>", READY_BEACON + "</body>", 1)
         self.set_header("Content-Type", "text/html")
         self.set_header("Cache-Control", "no-cache")
         self.finish(html_doc)

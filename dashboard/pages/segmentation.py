@@ -16,11 +16,12 @@ from pipeline_core.errors import EmloopError
 
 from .. import actions as A
 from .. import data as D
-from ..widgets import KeyListener, NGView
+from ..widgets import KeyListener, NGReadyListener, NGView
 from .base import Page, set_table, table
 
 QUEUE_KEYS = {"y": "yes-error", "n": "no", "u": "unsure"}
 FLAG_ROWS = 2000  # newest flags listed in the table (all of them are exported)
+REST_AFTER_S = 6.0  # the page's tables and plots join it then even if Neuroglancer never reports its data
 
 
 class SegmentationPage(Page):
@@ -119,12 +120,26 @@ class SegmentationPage(Page):
         self.extras = pn.Column(sizing_mode="stretch_width")
         left = pn.Column(self.prod_select, self.info, queue_card, flags_card, sizing_mode="stretch_width")
         self._metrics_card = metrics
-        right = pn.Column(self.layout, self.ng.pane, self.note, self.extras, sizing_mode="stretch_width")
+        # the rest is attached when the embedded Neuroglancer reports that its first view shows data (its
+        # page posts a message), so the server's and the browser's work on tables and plots does not slow
+        # that first draw down; at the latest REST_AFTER_S after the page loaded
+        self._rest_attached = False
+        self.ng_ready = NGReadyListener(frame=self.ng.name)
+        self.ng_ready.param.watch(lambda e: self._attach_rest(), "count")
+        right = pn.Column(self.layout, self.ng.pane, self.ng_ready, self.note, self.extras,
+                          sizing_mode="stretch_width")
         self._load_products()
-        pn.state.onload(self._attach_rest)
+        if pn.state.loaded or self.ng.viewer is None:  # opened from another page, or nothing to show
+            pn.state.onload(self._attach_rest)
+        else:
+            pn.state.onload(lambda: pn.state.add_periodic_callback(self._attach_rest, period=int(REST_AFTER_S * 1000),
+                                                                   count=1))
         return pn.Row(left, right, sizing_mode="stretch_width")
 
     def _attach_rest(self) -> None:
+        if self._rest_attached:
+            return
+        self._rest_attached = True
         self.queue_holder.objects = [self.queue_table]
         self.flags_holder.objects = [self.flags]
         self.flags_body.objects = [pn.Row(self.f_kind, self.f_status, self.f_author), self.flags_note,
