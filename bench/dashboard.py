@@ -167,7 +167,7 @@ def main() -> int:
 
         # cold/warm segmentation page on the small catalog first (the figure the target is about)
         port = free_port()
-        proc = start_server(proj.root, port)
+        proc = start_server(proj.root, port, extra=("--poll", "2"))  # the default live-update period
         base = f"http://127.0.0.1:{port}"
         try:
             with sync_playwright() as p:
@@ -213,7 +213,7 @@ def main() -> int:
             "review_queue": timeit(lambda: D.review_queue(proj, seg_pid, limit=None), a.repeats),
         }
         port = free_port()
-        proc = start_server(proj.root, port)
+        proc = start_server(proj.root, port, extra=("--poll", "2"))  # the default live-update period
         base = f"http://127.0.0.1:{port}"
         try:
             with sync_playwright() as p:

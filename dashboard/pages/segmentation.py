@@ -37,9 +37,6 @@ class SegmentationPage(Page):
         self.prod_select = pn.widgets.Select(label="Segmentation", options={}, width=520)
         self.prod_select.param.watch(lambda e: setattr(self, "product_id", e.new), "value")
         self.info = pn.pane.HTML("", sizing_mode="stretch_width")
-        self.metrics_sup = pn.pane.HTML("", sizing_mode="stretch_width")
-        self.metrics_unsup = pn.pane.HTML("", sizing_mode="stretch_width")
-        self.hist = pn.pane.HoloViews(None, css_classes=["emloop-plot", "emloop-size-hist"])
         # review queue
         self.item_info = pn.pane.HTML("", sizing_mode="stretch_width", css_classes=["emloop-queue-item"])
         self.error_kind = pn.widgets.RadioButtonGroup(label="error kind", options=list(A.ERROR_KINDS),
@@ -62,6 +59,50 @@ class SegmentationPage(Page):
         self.queue_holder = pn.Column(sizing_mode="stretch_width")
         self.flags_holder = pn.Column(sizing_mode="stretch_width")
         self.queue_table.on_click(self._on_queue_click)
+        self.note = pn.widgets.TextInput(label="Note for the t key", placeholder="text of your next note flag",
+                                         width=300)
+        self.note.param.watch(lambda e: self.ng.set_note(e.new), "value")
+        self.ng = NGView(self.app, height=560, name="seg-ng")
+        self.layout = pn.widgets.RadioButtonGroup(label="layout", options={"2D": "xy", "2D + 3D meshes": "xy-3d"},
+                                                  value="xy", color="default", width=240)
+        self.layout.param.watch(lambda e: self.ng.set_layout(e.new), "value")
+        self.keyhelp = pn.pane.HTML(self._key_help(), sizing_mode="stretch_width")
+        queue_card = pn.Card(
+            self.item_info, pn.Row(pn.pane.HTML("<b>error kind</b>"), self.error_kind),
+            pn.Row(self.btn_yes, self.btn_no, self.btn_unsure, self.btn_skip), self.keys,
+            pn.pane.Markdown("<small>keys y / n / u answer the shown candidate (click on the page first, outside "
+                             "Neuroglancer)</small>"),
+            self.queue_holder, title="Review queue (most uncertain first)", sizing_mode="stretch_width")
+        # what the reviewer needs first (Neuroglancer, the candidate and its answer buttons) is in the page
+        # that is sent; the tables, filters, metrics and loop controls join it once it is in the browser,
+        # so the Neuroglancer client starts loading sooner (a page's widgets cost server and browser time)
+        self.flags_body = pn.Column(sizing_mode="stretch_width")
+        flags_card = pn.Card(self.flags_body, title="Flags (click a row to jump)", sizing_mode="stretch_width")
+        self.metrics_body = pn.Column(sizing_mode="stretch_width")
+        self.extras = pn.Column(sizing_mode="stretch_width")
+        left = pn.Column(self.prod_select, self.info, queue_card, flags_card, sizing_mode="stretch_width")
+        # the rest is attached when the embedded Neuroglancer reports that its first view shows data (its
+        # page posts a message), so the server's and the browser's work on tables and plots does not slow
+        # that first draw down; at the latest REST_AFTER_S after the page loaded
+        self._rest_attached = False
+        self._first_built = True
+        self.ng_ready = NGReadyListener(frame=self.ng.name)
+        self.ng_ready.param.watch(lambda e: self._attach_rest(), "count")
+        right = pn.Column(self.layout, self.ng.pane, self.ng_ready, self.note, self.extras,
+                          sizing_mode="stretch_width")
+        self._load_products()
+        if pn.state.loaded or self.ng.viewer is None:  # opened from another page, or nothing to show
+            pn.state.onload(self._attach_rest)
+        else:
+            pn.state.onload(lambda: pn.state.add_periodic_callback(self._attach_rest, period=int(REST_AFTER_S * 1000),
+                                                                   count=1))
+        return pn.Row(left, right, sizing_mode="stretch_width")
+
+    def _build_rest(self) -> None:
+        """The widgets of the part of the page that joins it after Neuroglancer's first draw."""
+        self.metrics_sup = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.metrics_unsup = pn.pane.HTML("", sizing_mode="stretch_width")
+        self.hist = pn.pane.HoloViews(None, css_classes=["emloop-plot", "emloop-size-hist"])
         # flags
         self.f_kind = pn.widgets.Select(label="kind", options=[""] + list(FLAG_KINDS), value="", width=110)
         self.f_status = pn.widgets.Select(label="status", options=[""] + list(FLAG_STATUSES), value="", width=110)
@@ -91,55 +132,21 @@ class SegmentationPage(Page):
                                              css_classes=["emloop-show-changes"])
         self.btn_changes.on_click(self._show_changes)
         self.loop_info = pn.pane.HTML("", sizing_mode="stretch_width")
-        self._load_loop_choices()
-        self.note = pn.widgets.TextInput(label="Note for the t key", placeholder="text of your next note flag",
-                                         width=300)
-        self.note.param.watch(lambda e: self.ng.set_note(e.new), "value")
-        self.ng = NGView(self.app, height=560, name="seg-ng")
-        self.layout = pn.widgets.RadioButtonGroup(label="layout", options={"2D": "xy", "2D + 3D meshes": "xy-3d"},
-                                                  value="xy", color="default", width=240)
-        self.layout.param.watch(lambda e: self.ng.set_layout(e.new), "value")
-        self.keyhelp = pn.pane.HTML(self._key_help(), sizing_mode="stretch_width")
-        queue_card = pn.Card(
-            self.item_info, pn.Row(pn.pane.HTML("<b>error kind</b>"), self.error_kind),
-            pn.Row(self.btn_yes, self.btn_no, self.btn_unsure, self.btn_skip), self.keys,
-            pn.pane.Markdown("<small>keys y / n / u answer the shown candidate (click on the page first, outside "
-                             "Neuroglancer)</small>"),
-            self.queue_holder, title="Review queue (most uncertain first)", sizing_mode="stretch_width")
-        # what the reviewer needs first (Neuroglancer, the candidate and its answer buttons) is in the page
-        # that is sent; the tables, filters, metrics and loop controls join it once it is in the browser,
-        # so the Neuroglancer client starts loading sooner (a page's widgets cost server and browser time)
-        self.flags_body = pn.Column(sizing_mode="stretch_width")
-        flags_card = pn.Card(self.flags_body, title="Flags (click a row to jump)", sizing_mode="stretch_width")
-        self.metrics_body = pn.Column(sizing_mode="stretch_width")
-        metrics = pn.Card(self.metrics_body, title="Metrics", sizing_mode="stretch_width")
+        self._metrics_card = pn.Card(self.metrics_body, title="Metrics", sizing_mode="stretch_width")
         # the size plot is made when its card is opened (a plot costs page-load time in every browser)
         self.hist_card = pn.Card(self.hist, title="Object size distribution", collapsed=True,
                                  sizing_mode="stretch_width")
         self.hist_card.param.watch(lambda e: self._show_hist() if not e.new else None, "collapsed")
-        self.extras = pn.Column(sizing_mode="stretch_width")
-        left = pn.Column(self.prod_select, self.info, queue_card, flags_card, sizing_mode="stretch_width")
-        self._metrics_card = metrics
-        # the rest is attached when the embedded Neuroglancer reports that its first view shows data (its
-        # page posts a message), so the server's and the browser's work on tables and plots does not slow
-        # that first draw down; at the latest REST_AFTER_S after the page loaded
-        self._rest_attached = False
-        self.ng_ready = NGReadyListener(frame=self.ng.name)
-        self.ng_ready.param.watch(lambda e: self._attach_rest(), "count")
-        right = pn.Column(self.layout, self.ng.pane, self.ng_ready, self.note, self.extras,
-                          sizing_mode="stretch_width")
-        self._load_products()
-        if pn.state.loaded or self.ng.viewer is None:  # opened from another page, or nothing to show
-            pn.state.onload(self._attach_rest)
-        else:
-            pn.state.onload(lambda: pn.state.add_periodic_callback(self._attach_rest, period=int(REST_AFTER_S * 1000),
-                                                                   count=1))
-        return pn.Row(left, right, sizing_mode="stretch_width")
 
     def _attach_rest(self) -> None:
         if self._rest_attached:
             return
+        self._build_rest()
         self._rest_attached = True
+        self._load_loop_choices()
+        if getattr(self, "_ids", None):
+            self._show_metrics()
+            self._load_flags()
         self.queue_holder.objects = [self.queue_table]
         self.flags_holder.objects = [self.flags]
         self.flags_body.objects = [pn.Row(self.f_kind, self.f_status, self.f_author), self.flags_note,
@@ -188,7 +195,7 @@ class SegmentationPage(Page):
 
     @param.depends("product_id", watch=True)
     def _product_changed(self) -> None:
-        if not hasattr(self, "flags"):
+        if not getattr(self, "_first_built", False):
             return
         self.skipped = set()
         if self.product_id is None:
@@ -218,6 +225,8 @@ class SegmentationPage(Page):
                             f"{len(self._ids)} version(s){state}{model}</div>")
 
     def _show_metrics(self) -> None:
+        if not self._rest_attached:  # the tables join the page later (_attach_rest)
+            return
         root = self.app.project.catalog.product(self._ids[0])
         m = D.segmentation_metrics(self.app.project, root)
 
@@ -242,6 +251,8 @@ class SegmentationPage(Page):
 
     def _show_hist(self) -> None:
         """The object size histogram (only while its card is open)."""
+        if not self._rest_attached:  # the tables join the page later (_attach_rest)
+            return
         if self.hist_card.collapsed or not getattr(self, "_current", None):
             return
         try:
@@ -329,6 +340,8 @@ class SegmentationPage(Page):
 
     # -- flags -------------------------------------------------------------------------------
     def _load_flags(self) -> None:
+        if not self._rest_attached:  # the tables join the page later (_attach_rest)
+            return
         if not getattr(self, "_ids", None):
             set_table(self.flags, pd.DataFrame())
             return
@@ -358,6 +371,8 @@ class SegmentationPage(Page):
         return io.StringIO(text or "")
 
     def _load_loop_choices(self) -> None:
+        if not self._rest_attached:  # the tables join the page later (_attach_rest)
+            return
         from launch.jobs import list_profiles
         models = self.app.project.catalog.models()
         opts = {f"model {m.id}{' (current)' if m.is_current else ''}": m.id for m in reversed(models)}
