@@ -728,6 +728,20 @@ class Catalog:
             return list(s.scalars(q))
         return self.read(fn)
 
+    def flag_signature(self, product_ids, *, include_dismissed: bool = False) -> tuple:
+        """Cheap change detector for the flags of ``product_ids``: one aggregate query (count, newest id, latest
+        update, and sums over note lengths and id-weighted status lengths, so a status or note change moves it
+        even within one timestamp tick) instead of loading every flag."""
+        from sqlalchemy import func
+
+        def fn(s):
+            q = filter_flags(select(func.count(Flag.id), func.max(Flag.id), func.max(Flag.updated_at),
+                                    func.coalesce(func.sum(func.length(Flag.note)), 0),
+                                    func.coalesce(func.sum(Flag.id * (func.length(Flag.status) + 1)), 0)),
+                             product_ids, include_dismissed=include_dismissed)
+            return tuple(s.execute(q).one())
+        return self.read(fn)
+
     def add_edit(self, kind: str, before_product_id: int, after_product_id: int, author: str, *,
                  segment_ids=(), detail: dict | None = None, flag_id: int | None = None) -> Edit:
         def fn(s):

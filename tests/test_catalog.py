@@ -148,3 +148,28 @@ def test_any_sqlalchemy_url(tmp_path):
     assert Project.open(tmp_path / "u").catalog.url == url
     with pytest.raises(InputError, match="--db"):
         Catalog("nosuchdialect://x")
+
+
+def test_flag_signature_moves_with_every_change_the_flags_layer_shows(proj):
+    """The viewers' poll compares this aggregate instead of loading every flag: adding a flag, changing its
+    status or note, or dismissing it changes the signature; nothing else does; dismissed flags are left out."""
+    pid = _montage_product(proj)[1].id
+    cat = proj.catalog
+    empty = cat.flag_signature([pid])
+    assert empty[0] == 0
+    a = cat.add_flag(pid, "merge", (1, 2, 3), "pat")
+    b = cat.add_flag(pid, "split", (2, 3, 4), "ola", note="hm")
+    s1 = cat.flag_signature([pid])
+    assert s1[0] == 2 and s1[1] == b.id and s1 != empty
+    assert cat.flag_signature([pid]) == s1                     # stable while nothing changes
+    assert cat.flag_signature([pid + 1000]) == empty            # other products' flags do not count
+    cat.set_flag_status(a.id, "confirmed", "pat")
+    s2 = cat.flag_signature([pid])
+    assert s2 != s1 and s2[0] == 2
+    cat.set_flag_status(a.id, "fixed", "pat", note="done")
+    s3 = cat.flag_signature([pid])
+    assert s3 not in (s1, s2)
+    cat.delete_flag(b.id, "ola")                                # dismissed: leaves the layer
+    s4 = cat.flag_signature([pid])
+    assert s4[0] == 1 and s4 != s3
+    assert cat.flag_signature([pid], include_dismissed=True)[0] == 2

@@ -395,12 +395,9 @@ def flags_for_layer(project: Project, root: int) -> list:
     return sorted(out, key=lambda f: f.id)
 
 
-def flags_signature(flags) -> tuple:
-    """Cheap change detector for a list of flags."""
-    if not flags:
-        return (0,)
-    return (len(flags), max(f.id for f in flags), max(f.updated_at for f in flags).isoformat(),
-            int(np.sum([hash((f.id, f.status, f.note)) % 1000003 for f in flags])))
+def flags_signature(project: Project, root: int) -> tuple:
+    """Cheap change detector for the flags layer of lineage ``root`` (an aggregate query, no flag is loaded)."""
+    return project.catalog.flag_signature(P.lineage_ids(project, root), include_dismissed=False)
 
 
 def update_flags_layer(viewer: neuroglancer.Viewer, flags, voxel_size, seg_layer: str | None) -> None:

@@ -475,8 +475,9 @@ class ViewerServer:
             sessions = [self.sessions[t] for t in self._by_root.get(root, ()) if t in self.sessions]
         if not sessions:
             return 0
+        # the signature before the flags: a change in between is seen by the next poll
+        self._flag_sigs[root] = flags_signature(self.project, root)
         flags = flags_for_layer(self.project, root)
-        self._flag_sigs[root] = flags_signature(flags)
         for s in sessions:
             if s.kind == "raw_tiles" or s.compare:
                 continue
@@ -508,8 +509,7 @@ class ViewerServer:
                 with self._lock:
                     roots = list(self._by_root)
                 for root in roots:
-                    flags = flags_for_layer(self.project, root)
-                    if flags_signature(flags) != self._flag_sigs.get(root):
+                    if flags_signature(self.project, root) != self._flag_sigs.get(root):
                         self.refresh_flags(root)
                     with self._lock:
                         sess = [self.sessions[t] for t in self._by_root.get(root, ()) if t in self.sessions]
