@@ -926,14 +926,19 @@ def relax_mesh(
     rows = np.concatenate([i, j, i, j])
     cols = np.concatenate([i, j, j, i])
     vals = np.concatenate([w, w, -w, -w])
-    A = sp.coo_matrix((vals, (rows, cols)), shape=(tot, tot)).tocsc() + p.anchor * sp.identity(tot, format="csc")
-    if tot <= 300_000:
-        solve = spla.factorized(A.tocsc())
-        sol = np.stack([solve(rhs[:, 0]), solve(rhs[:, 1])], axis=1)
-    else:
-        dinv = 1.0 / A.diagonal()
-        M = spla.LinearOperator(A.shape, matvec=lambda x: dinv * x)
-        sol = np.stack([spla.cg(A, rhs[:, k], rtol=1e-8, maxiter=20000, M=M)[0] for k in range(2)], axis=1)
+    A = sp.coo_matrix((vals, (rows, cols)), shape=(tot, tot)).tocsr() + p.anchor * sp.identity(tot, format="csr")
+    # A is symmetric positive definite and couples a 3-D grid of nodes (sections × mesh): a sparse LU fills in
+    # almost densely (7 s and 20M non-zeros for 32 sections of 27×27 nodes), while conjugate gradients with a
+    # Jacobi preconditioner converge in ~300 cheap iterations (0.1 s; 1e-10 relative residual ≈ 1e-9 px)
+    dinv = 1.0 / A.diagonal()
+    M = spla.LinearOperator(A.shape, matvec=lambda x: dinv * x)
+    cols_out = []
+    for k in range(2):
+        x, info = spla.cg(A, rhs[:, k], rtol=1e-10, atol=0.0, maxiter=50_000, M=M)
+        if info != 0:  # not converged (should not happen for an SPD system): solve directly
+            x = spla.spsolve(A.tocsc(), rhs[:, k])
+        cols_out.append(x)
+    sol = np.stack(cols_out, axis=1)
     return sol.reshape(n_sections, ny, nx, 2).astype(_F32)
 
 
