@@ -106,56 +106,71 @@ def carry_by_transforms(labels: np.ndarray, shape: tuple[int, int, int], transfo
     solved tile corners (the montage run's ``tile_positions.json``); the canvas pixel ``v`` shows the
     true volume at ``R(θ)(v − c) + c + t`` (the generator's section transform) minus the aligned
     frame's ``canvas_offset``. Nearest-neighbour sampling; 0 outside the labelled volume.
+    One section at a time: :func:`carry_section`.
     """
-    from .synth import rotation_matrix
-
     Z, H, W = shape
     out = np.zeros(shape, dtype=labels.dtype)
+    for z in range(Z):
+        out[z] = carry_section(labels[z], z, (H, W), transforms, tile_positions, true_positions, section_transforms,
+                               canvas_shape, canvas_offset)
+    return out
+
+
+def carry_section(labels_z: np.ndarray, z: int, shape_yx: tuple[int, int], transforms: dict, tile_positions: dict,
+                  true_positions: np.ndarray, section_transforms: np.ndarray, canvas_shape: tuple[int, int],
+                  canvas_offset: tuple[float, float]) -> np.ndarray:
+    """Section ``z`` of :func:`carry_by_transforms` (``labels_z``: the truth's section z) → (H, W) ids."""
+    from scipy import ndimage as ndi
+
+    from .synth import rotation_matrix
+
+    H, W = shape_yx
+    out = np.zeros((H, W), dtype=labels_z.dtype)
+    s = next((x for x in transforms["sections"] if int(x["section"]) == z), None)
+    tp = next((x for x in tile_positions["sections"] if int(x["section"]) == z), None)
+    if s is None or tp is None or s.get("rigid") is None:
+        return out
     ny, nx = np.asarray(transforms.get("node_ys", []), float), np.asarray(transforms.get("node_xs", []), float)
     qy, qx = np.meshgrid(np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64), indexing="ij")
     c = np.array([(canvas_shape[0] - 1) / 2.0, (canvas_shape[1] - 1) / 2.0])
-    secs = {int(s["section"]): s for s in transforms["sections"]}
-    tiles = {int(s["section"]): s for s in tile_positions["sections"]}
-    from scipy import ndimage as ndi
-
-    for z in range(Z):
-        s, tp = secs.get(z), tiles.get(z)
-        if s is None or tp is None or s.get("rigid") is None:
-            continue
-        ey, ex = qy, qx
-        if s.get("elastic_dydx") is not None and ny.size and nx.size:
-            # bilinear on the node grid, separable because the query points are the whole pixel grid
-            field = np.asarray(s["elastic_dydx"], float)
-            Wy, Wx = _interp_matrix(ny, H), _interp_matrix(nx, W)
-            ey, ex = qy + Wy @ field[..., 0] @ Wx.T, qx + Wy @ field[..., 1] @ Wx.T
-        Minv = np.linalg.inv(np.asarray(s["rigid"], float))
-        uy = Minv[0, 0] * ey + Minv[0, 1] * ex + Minv[0, 2]
-        ux = Minv[1, 0] * ey + Minv[1, 1] * ex + Minv[1, 2]
-        diffs = [np.asarray(true_positions[z][i], float) - np.array([t["y"], t["x"]], float)
-                 for i, t in enumerate(tp["tiles"]) if t.get("y") is not None and t.get("status") != "missing"]
-        if not diffs:
-            continue
-        d = np.mean(diffs, axis=0)
-        vy, vx = uy + d[0] - c[0], ux + d[1] - c[1]
-        theta, ty, tx = (float(v) for v in section_transforms[z])
-        R = rotation_matrix(theta)
-        wy = R[0, 0] * vy + R[0, 1] * vx + c[0] + ty - canvas_offset[0]
-        wx = R[1, 0] * vy + R[1, 1] * vx + c[1] + tx - canvas_offset[1]
-        out[z] = ndi.map_coordinates(labels[z], [np.rint(wy), np.rint(wx)], order=0, mode="constant", cval=0)
-    return out
+    ey, ex = qy, qx
+    if s.get("elastic_dydx") is not None and ny.size and nx.size:
+        # bilinear on the node grid, separable because the query points are the whole pixel grid
+        field = np.asarray(s["elastic_dydx"], float)
+        Wy, Wx = _interp_matrix(ny, H), _interp_matrix(nx, W)
+        ey, ex = qy + Wy @ field[..., 0] @ Wx.T, qx + Wy @ field[..., 1] @ Wx.T
+    Minv = np.linalg.inv(np.asarray(s["rigid"], float))
+    uy = Minv[0, 0] * ey + Minv[0, 1] * ex + Minv[0, 2]
+    ux = Minv[1, 0] * ey + Minv[1, 1] * ex + Minv[1, 2]
+    diffs = [np.asarray(true_positions[z][i], float) - np.array([t["y"], t["x"]], float)
+             for i, t in enumerate(tp["tiles"]) if t.get("y") is not None and t.get("status") != "missing"]
+    if not diffs:
+        return out
+    d = np.mean(diffs, axis=0)
+    vy, vx = uy + d[0] - c[0], ux + d[1] - c[1]
+    theta, ty, tx = (float(v) for v in section_transforms[z])
+    R = rotation_matrix(theta)
+    wy = R[0, 0] * vy + R[0, 1] * vx + c[0] + ty - canvas_offset[0]
+    wx = R[1, 0] * vy + R[1, 1] * vx + c[1] + tx - canvas_offset[1]
+    return ndi.map_coordinates(np.asarray(labels_z), [np.rint(wy), np.rint(wx)], order=0, mode="constant", cval=0)
 
 
 def match_score(image: np.ndarray, labels: np.ndarray) -> float:
     """Mean per-section correlation between the labels' boundaries and the image's darkness (where labelled)."""
-    scores = []
-    b = boundaries(labels)
-    for z in range(image.shape[0]):
-        m = labels[z] > 0
-        if m.sum() < 100:
-            continue
-        d = -image[z][m].astype(np.float64)
-        bb = b[z][m].astype(np.float64)
-        if d.std() == 0 or bb.std() == 0:
-            continue
-        scores.append(float(np.corrcoef(d, bb)[0, 1]))
+    scores = [section_match_score(image[z], labels[z]) for z in range(image.shape[0])]
+    scores = [v for v in scores if v is not None]
     return float(np.mean(scores)) if scores else 0.0
+
+
+def section_match_score(image_z: np.ndarray, labels_z: np.ndarray) -> float | None:
+    """One section's term of :func:`match_score` (None when the section has too few labelled pixels or no contrast)."""
+    lab = np.asarray(labels_z)
+    m = lab > 0
+    if m.sum() < 100:
+        return None
+    b = boundaries(lab[None])[0]
+    d = -np.asarray(image_z)[m].astype(np.float64)
+    bb = b[m].astype(np.float64)
+    if d.std() == 0 or bb.std() == 0:
+        return None
+    return float(np.corrcoef(d, bb)[0, 1])

@@ -166,3 +166,33 @@ def test_corrupt_tile_fails_with_one_line_error(project, tmp_path):
     err_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err_lines) >= 1 and "cannot read tile data" in err_lines[0] and "tile" in err_lines[0]
     assert proj.catalog.run(rid).state == "failed"
+
+
+def test_align_carries_the_truth_section_by_section(project, align_runs, montage_runs):
+    """The ranks carry their own sections of the synthetic truth (align phase 7): the labels product is the
+    same for 1 and 2 ranks, equals the whole-volume carry through the run's transforms, and fits the image."""
+    import ast
+
+    from pipeline_core import groundtruth
+    from pipeline_core.ingest import read_tiles
+    cat = project.catalog
+    gts = {n: [p for p in cat.products("labels") if p.run_id == align_runs[n]] for n in (1, 2)}
+    assert len(gts[1]) == 1 and len(gts[2]) == 1
+    g1, g2 = gts[1][0], gts[2][0]
+    assert g1.content_hash == g2.content_hash == store.content_hash(project.abspath(g2.path))
+    info = _metrics(project.root, align_runs[2])["groundtruth"]
+    assert info["carried"] and info["score"] > 0.3 and info["product_id"] == g2.id
+    src = cat.product(info["labels_product"])
+    t = read_tiles(project.abspath(cat.product(cat.run(montage_runs[1]).input_product_ids[0]).path))
+    gm = t["meta"]["groundtruth"]
+    montage_rid = cat.run(align_runs[2]).input_product_ids and cat.product(cat.run(align_runs[2]).input_product_ids[0]).run_id
+    whole = groundtruth.carry_by_transforms(
+        store.read_volume(project.abspath(src.path)), tuple(g2.shape),
+        json.loads((project.run_dir(align_runs[2]) / "transforms.json").read_text()),
+        json.loads((project.run_dir(montage_rid) / "tile_positions.json").read_text()),
+        t["groundtruth"]["true_positions"], t["groundtruth"]["section_transforms"],
+        ast.literal_eval(str(gm["synth_params"]["canvas_shape"])), gm["canvas_offset"])
+    carried = store.read_volume(project.abspath(g2.path))
+    assert np.array_equal(carried, whole) and (carried > 0).mean() > 0.5
+    image = store.read_volume(project.abspath(cat.product(_metrics(project.root, align_runs[2])["product_id"]).path))
+    assert abs(groundtruth.match_score(image, carried) - info["score"]) < 1e-3

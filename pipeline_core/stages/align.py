@@ -275,23 +275,27 @@ def run(ctx: StageContext) -> dict:
                      prev_failed=bool(good[z] and zp is not None and zp != z - 1))
             store.write_json_atomic(f, q)
         tick()
+    # 7: the synthetic ground truth carried into the aligned frame, my sections (see _carry_groundtruth)
+    plan = _groundtruth_plan(ctx, (Z, H, W))
+    if plan is not None:
+        _carry_groundtruth_sections(ctx, plan, T, V if p.elastic else None, ys, xs, (Z, H, W), dst)
     if ctx.rank != 0:
         ctx.barrier()  # wait (sleeping) for rank 0's finalisation
         return {}
     try:
-        return _finish(ctx, p, Z, H, W, T, V, ys, xs, pair_info, out)
+        return _finish(ctx, p, Z, H, W, T, V, ys, xs, pair_info, out, plan)
     finally:
         ctx.barrier()
 
 
-def _finish(ctx, p, Z, H, W, T, V, ys, xs, pair_info, out) -> dict:
+def _finish(ctx, p, Z, H, W, T, V, ys, xs, pair_info, out, plan=None) -> dict:
     qcs = finalize_qc([json.loads(_w(ctx, f"qc-{z}.json").read_text()) for z in range(Z)], p)
     digest = store.finalize_volume(out, plane_digests=ctx.plane_digests([f"align-render-{z}" for z in range(Z)]))
     tr = _transforms_record(T, V if p.elastic else None, ys, xs, qcs, (H, W))
     store.write_json_atomic(ctx.run_dir / "transforms.json", tr)
     metrics = _metrics(qcs, pair_info, p)
     metrics["content_hash"] = digest
-    gt = _carry_groundtruth(ctx, out)
+    gt = _carry_groundtruth(ctx, out, plan)
     if gt:
         metrics["groundtruth"] = gt
     metrics["product_id"] = ctx.register_output(out, "aligned", n_suspicious=metrics["summary"]["n_suspicious"],
@@ -299,18 +303,99 @@ def _finish(ctx, p, Z, H, W, T, V, ys, xs, pair_info, out) -> dict:
     return metrics
 
 
-def _carry_groundtruth(ctx, out) -> dict | None:
+def _groundtruth_source(ctx):
+    """The newest complete ground-truth labels product in the aligned frame (synthetic projects), or None."""
+    cands = [pr for pr in ctx.catalog.products("labels")
+             if (pr.meta or {}).get("groundtruth") and (pr.meta or {}).get("frame") == "aligned" and pr.complete]
+    return max(cands, key=lambda pr: pr.id) if cands else None
+
+
+def _groundtruth_plan(ctx, shape) -> dict | None:
+    """What every rank needs to carry the ground truth section by section through the solved transforms
+    (the generator's truth of the raw tiles + the montage run's tile positions), or None: no ground truth,
+    already recorded by this run, labels that do not fit, or no exact chain (rank 0 then falls back to a
+    whole-volume correlation in :func:`_carry_groundtruth`).  The same answer on every rank."""
+    import ast
+
+    from ..ingest import read_tiles
+    src = _groundtruth_source(ctx)
+    if src is None or any(pr.run_id == ctx.run_id for pr in ctx.catalog.products("labels")):
+        return None
+    Z, H, W = shape
+    if len(src.shape) != 3 or tuple(src.shape) == tuple(shape) or src.shape[0] != Z or src.shape[1] > H \
+            or src.shape[2] > W:
+        return None
+    try:
+        montage = ctx.input_product("montage")
+        mrun = ctx.catalog.run(montage.run_id)
+        tiles_pid = [pid for pid in mrun.input_product_ids if ctx.catalog.product(pid).kind == "raw_tiles"][0]
+        t = read_tiles(ctx.project.abspath(ctx.catalog.product(tiles_pid).path))
+        gt, gm = t["groundtruth"], t["meta"].get("groundtruth", {})
+        return {"src": src, "labels": ctx.project.abspath(src.path),
+                "tile_positions": json.loads((ctx.project.run_dir(mrun.id) / "tile_positions.json").read_text()),
+                "true_positions": np.asarray(gt["true_positions"]), "section_transforms": np.asarray(gt["section_transforms"]),
+                "canvas_shape": ast.literal_eval(str(gm["synth_params"]["canvas_shape"])),
+                "canvas_offset": gm["canvas_offset"]}
+    except (KeyError, IndexError, ValueError, FileNotFoundError, SyntaxError) as e:
+        if ctx.rank == 0:
+            ctx.log(f"ground truth: no exact transform chain ({type(e).__name__}: {e}); falling back to correlation")
+        return None
+
+
+_GT_DST = "groundtruth.ome.zarr"
+
+
+def _carry_groundtruth_sections(ctx, plan, T, V, ys, xs, shape, aligned) -> None:
+    """Phase 7: each rank carries its sections of the truth and writes them (plane + pyramid, digest and
+    match score in the section's marker); rank 0 finishes the product in :func:`_carry_groundtruth`."""
+    from .. import groundtruth
+    Z, H, W = shape
+    dst = ctx.run_dir / _GT_DST
+    if ctx.rank == 0:
+        fresh = True
+        if (dst / "zarr.json").exists():
+            try:
+                m = store.read_meta(dst)
+                fresh = not (tuple(m.shape) == tuple(shape) and m.dtype == plan["src"].dtype)
+            except Exception:
+                fresh = True
+        if fresh:
+            meta = store.read_meta(plan["labels"])
+            store.create_volume(dst, shape, np.dtype(plan["src"].dtype), meta.voxel_size, kind="labels",
+                                chunks=(1, 256, 256), overwrite=True,
+                                provenance={"stage": "align", "run": ctx.run_id, "source_labels": plan["src"].id,
+                                            "method": "solved transforms (montage + align) and the generator's truth"})
+            for z in range(Z):
+                mk = ctx.blocks_dir / f"align-gt-{z}.done"
+                if mk.exists():
+                    mk.unlink()
+    ctx.barrier()
+    rec = _transforms_record(T, V, ys, xs, [{"status": None}] * Z, (H, W))
+    labels = store.open_level(plan["labels"], 0)
+    writer = store.SectionWriter(dst)
+    for z in ctx.dynamic_items(Z):
+        name = f"align-gt-{z}"
+        if ctx.block_done(name):
+            continue
+        plane = groundtruth.carry_section(np.asarray(labels[z]), z, (H, W), rec, plan["tile_positions"],
+                                          plan["true_positions"], plan["section_transforms"], plan["canvas_shape"],
+                                          plan["canvas_offset"])
+        score = groundtruth.section_match_score(np.asarray(aligned[z]), plane)
+        ctx.mark_block(name, {"digest": writer.write(z, plane), "score": score})
+    ctx.barrier()
+
+
+def _carry_groundtruth(ctx, out, plan=None) -> dict | None:
     """Ground-truth ids of the aligned frame (e.g. the synthetic truth) carried into this product's canvas.
 
     Recorded as a ``labels`` product of this run (so it is approved with the alignment) before the
     aligned product itself, which stays the run's output. See :mod:`pipeline_core.groundtruth`.
+    With a ``plan`` the ranks carried it section by section (phase 7); else it is done here, on rank 0.
     """
     from .. import groundtruth
-    cands = [pr for pr in ctx.catalog.products("labels")
-             if (pr.meta or {}).get("groundtruth") and (pr.meta or {}).get("frame") == "aligned" and pr.complete]
-    if not cands:
+    src = _groundtruth_source(ctx)
+    if src is None:
         return None
-    src = max(cands, key=lambda pr: pr.id)
     for pr in ctx.catalog.products("labels"):  # a resumed run recorded it already: nothing to redo
         if pr.run_id == ctx.run_id:
             return {"labels_product": src.id, "method": (pr.meta or {}).get("method"),
@@ -320,26 +405,36 @@ def _carry_groundtruth(ctx, out) -> dict | None:
         return {"labels_product": src.id, "offset": [0, 0], "note": "same frame"}
     if len(src.shape) != 3 or src.shape[0] != meta.shape[0] or src.shape[1] > meta.shape[1] or src.shape[2] > meta.shape[2]:
         return {"labels_product": src.id, "carried": False, "note": f"labels {tuple(src.shape)} do not fit {tuple(meta.shape)}"}
-    image = store.read_volume(out)
-    labels = store.read_volume(ctx.project.abspath(src.path))
-    carried = _carry_exact(ctx, labels, tuple(meta.shape))
-    if carried is not None:
+    dst = ctx.run_dir / _GT_DST
+    Z = meta.shape[0]
+    if plan is not None:
+        infos = [ctx.block_info(f"align-gt-{z}") or {} for z in range(Z)]
+        scores = [i["score"] for i in infos if i.get("score") is not None]
+        score = float(np.mean(scores)) if scores else 0.0
         info = {"labels_product": src.id, "method": "solved transforms (montage + align) and the generator's truth"}
+        finish = lambda: store.finalize_volume(dst, plane_digests=[i.get("digest") for i in infos]  # noqa: E731
+                                               if all("digest" in i for i in infos) else None)
     else:
+        image = store.read_volume(out)
+        labels = store.read_volume(ctx.project.abspath(src.path))
         oy, ox, _ = groundtruth.find_offset(image, labels)
         carried = groundtruth.carry_into(labels, tuple(meta.shape), (oy, ox))
         info = {"labels_product": src.id, "method": "translation by boundary/membrane correlation", "offset": [oy, ox]}
-    score = groundtruth.match_score(image, carried)
+        score = groundtruth.match_score(image, carried)
+
+        def finish():
+            return store.write_volume(dst, carried, meta.voxel_size, kind="labels",
+                                      provenance={"stage": "align", "run": ctx.run_id, "source_labels": src.id,
+                                                  "method": info["method"], "match_score": score}, overwrite=True)
     info["score"] = round(score, 4)
     if score < groundtruth.MIN_SCORE:
         ctx.log(f"ground truth {src.id} not carried: boundary match score {score:.2f} < {groundtruth.MIN_SCORE}")
         info["carried"] = False
+        if dst.exists():
+            import shutil
+            shutil.rmtree(dst)
         return info
-    dst = ctx.run_dir / "groundtruth.ome.zarr"
-    digest = store.write_volume(dst, carried, meta.voxel_size,
-                                kind="labels", provenance={"stage": "align", "run": ctx.run_id, "source_labels": src.id,
-                                                           "method": info["method"], "match_score": score},
-                                overwrite=True)
+    digest = finish()
     m = store.read_meta(dst)
     pid = ctx.catalog.add_product("labels", ctx.project.relpath(dst), run_id=ctx.run_id, shape=m.shape, dtype=m.dtype,
                                   voxel_size=m.voxel_size, content_hash=digest, complete=True,
@@ -349,28 +444,6 @@ def _carry_groundtruth(ctx, out) -> dict | None:
     ctx.log(f"ground truth {src.id} carried into the aligned frame ({info['method']}; score {score:.2f}) as product {pid}")
     info.update(carried=True, product_id=pid)
     return info
-
-
-def _carry_exact(ctx, labels, shape):
-    """Labels resampled through the solved transforms when the raw tiles carry the generator's truth, else None."""
-    import ast
-
-    from .. import groundtruth
-    from ..ingest import read_tiles
-    try:
-        montage = ctx.input_product("montage")
-        mrun = ctx.catalog.run(montage.run_id)
-        tiles_pid = [pid for pid in mrun.input_product_ids if ctx.catalog.product(pid).kind == "raw_tiles"][0]
-        t = read_tiles(ctx.project.abspath(ctx.catalog.product(tiles_pid).path))
-        gt, gm = t["groundtruth"], t["meta"].get("groundtruth", {})
-        canvas_shape = ast.literal_eval(str(gm["synth_params"]["canvas_shape"]))
-        tile_positions = json.loads((ctx.project.run_dir(mrun.id) / "tile_positions.json").read_text())
-        rec = json.loads((ctx.run_dir / "transforms.json").read_text())
-        return groundtruth.carry_by_transforms(labels, shape, rec, tile_positions, gt["true_positions"],
-                                               gt["section_transforms"], canvas_shape, gm["canvas_offset"])
-    except (KeyError, IndexError, ValueError, FileNotFoundError, SyntaxError) as e:
-        ctx.log(f"ground truth: no exact transform chain ({type(e).__name__}: {e}); falling back to correlation")
-        return None
 
 
 def _transforms_record(T, V, ys, xs, qcs, shape) -> dict:
