@@ -1,7 +1,11 @@
 """Small MPI helpers shared by the stages and the FFN (no UI, no scheduler)."""
 from __future__ import annotations
 
+import os
 import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
 
 
 def quiet_barrier(comm, poll_s: float = 0.005) -> None:
@@ -17,3 +21,37 @@ def quiet_barrier(comm, poll_s: float = 0.005) -> None:
     while not req.Test():
         time.sleep(poll_s)
 
+
+
+def claim_indices(claims_dir, n: int, comm=None, *, skip: Callable[[int], bool] | None = None) -> Iterator[int]:
+    """Indices of range(n) handed out on demand by exclusive-create claim files; yields this rank's.
+
+    Every rank walks the indices in the same order and takes index i by creating
+    ``<claims_dir>/<attempt>/<i>`` with ``O_CREAT | O_EXCL``; a rank asks for its next index only
+    when it has finished the previous one, so a slow item holds back only the rank working on it.
+    Works wherever the ranks share a file system (one node or many).  ``skip(i)`` true: nobody takes i
+    (e.g. finished by an earlier attempt).  Collective: every rank must call it (rank 0 makes the
+    attempt's folder); it does not wait at the end.
+
+    Why not an MPI one-sided counter: with MPICH a passive-target ``Fetch_and_op`` on rank 0's
+    window waits until rank 0 next enters MPI, i.e. until rank 0 finishes its own item; measured
+    here, a request made while rank 0 computed for 2 s took 1.8 s.
+    """
+    rank = comm.Get_rank() if comm is not None else 0
+    attempt = None
+    if rank == 0:
+        attempt = uuid.uuid4().hex[:12]
+        (Path(claims_dir) / attempt).mkdir(parents=True, exist_ok=True)
+    if comm is not None and comm.Get_size() > 1:
+        attempt = comm.bcast(attempt, root=0)
+    cdir = Path(claims_dir) / attempt
+    for i in range(n):
+        if skip is not None and skip(i):
+            continue
+        try:
+            fd = os.open(cdir / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue
+        os.write(fd, str(rank).encode())
+        os.close(fd)
+        yield i

@@ -35,7 +35,6 @@ import dataclasses
 import itertools
 import json
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -100,25 +99,8 @@ def dynamic_indices(work_dir, n: int, comm=None):
 
     Collective: every rank of ``comm`` must call it (rank 0 creates the attempt's claim folder).
     """
-    work_dir = Path(work_dir)
-    rank = comm.Get_rank() if comm is not None else 0
-    attempt = None
-    if rank == 0:
-        attempt = uuid.uuid4().hex[:12]
-        (work_dir / "claims" / attempt).mkdir(parents=True, exist_ok=True)
-    if comm is not None:
-        attempt = comm.bcast(attempt, root=0)
-    cdir = work_dir / "claims" / attempt
-    for i in range(n):
-        if subvolume_done(work_dir, i):
-            continue
-        try:
-            fd = os.open(cdir / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            continue
-        os.write(fd, str(rank).encode())
-        os.close(fd)
-        yield i
+    from ..parallel import claim_indices
+    yield from claim_indices(Path(work_dir) / "claims", n, comm, skip=lambda i: subvolume_done(work_dir, i))
 
 
 def save_subvolume(work_dir, sv: Subvolume, result) -> None:

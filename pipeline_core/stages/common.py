@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from ..parallel import quiet_barrier
+from ..parallel import claim_indices, quiet_barrier
 from ..errors import EmloopError, InputError
 from ..project import Project
 from ..store import write_json_atomic
@@ -90,7 +90,6 @@ class StageContext:
         self.output_path = project.root / "products" / stage / f"{run_id}.ome.zarr"
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         self._inputs = None
-        self._counter_win = None
 
     # -- inputs --------------------------------------------------------------------
     @property
@@ -131,37 +130,24 @@ class StageContext:
         return list(items)[self.rank::self.size]
 
     def dynamic_items(self, n: int) -> Iterator[int]:
-        """Indices 0..n-1 handed out on demand (an MPI atomic counter on rank 0).
+        """Indices 0..n-1 handed out on demand (claim files, :func:`parallel.claim_indices`).
 
         A rank asks for the next index only when it has finished its previous
         one, so a slow item does not leave the other ranks idle.  Collective:
-        every rank must iterate it to the end.
+        every rank must iterate it to the end; it ends with a barrier, after
+        which rank 0 removes the claims.
         """
         if self.comm is None or self.size == 1:
             yield from range(n)
             return
-        from mpi4py import MPI
-        import numpy as np
-        itemsize = MPI.INT64_T.Get_size()
-        win = MPI.Win.Allocate(itemsize if self.rank == 0 else 0, itemsize, comm=self.comm)
-        if self.rank == 0:
-            buf = np.frombuffer(win.tomemory(), dtype=np.int64)
-            buf[0] = 0
-        quiet_barrier(self.comm)
-        one = np.ones(1, dtype=np.int64)
-        got = np.zeros(1, dtype=np.int64)
+        claims = self.run_dir / "claims"
         try:
-            while True:
-                win.Lock(0)
-                win.Fetch_and_op(one, got, 0, 0, MPI.SUM)
-                win.Unlock(0)
-                i = int(got[0])
-                if i >= n:
-                    break
-                yield i
+            yield from claim_indices(claims, n, self.comm)
         finally:
             quiet_barrier(self.comm)
-            win.Free()
+            if self.rank == 0:
+                import shutil
+                shutil.rmtree(claims, ignore_errors=True)
 
     def barrier(self) -> None:
         if self.comm is not None:
