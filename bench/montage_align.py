@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import os
 import platform
 import subprocess
@@ -206,6 +207,41 @@ def bench_mpi(data) -> dict:
     return out
 
 
+def bench_mpi_montage_large(n_sections: int, grid: tuple[int, int]) -> dict:
+    """1 vs 2 ranks of the montage stage on sections of ``grid`` tiles (closer to a real montage job than the
+    2x2-tile demo, whose few seconds of work are dominated by process start-up)."""
+    from pipeline_core.ingest import ingest_synthetic
+    from pipeline_core.project import Project
+    from pipeline_core.runs import prepare_run
+
+    t = time.perf_counter()
+    data = synth.generate("demo", seed=1, n_sections=n_sections, grid=grid)
+    gen = time.perf_counter() - t
+    tmp = Path(tempfile.mkdtemp(prefix="emloop-bench-"))
+    proj = Project.init(tmp / "proj", user="bench")
+    ingest_synthetic(proj, data, user="bench")
+    Z, T, th, tw = data.tiles.shape
+    out = {"data": f"synthetic demo project, {Z} sections of {T} tiles {th}x{tw} ({grid[0]}x{grid[1]})",
+           "generation_s": round(gen, 1), "runs": []}
+    rids = []
+    for n in (1, 2):
+        rid = prepare_run(proj, "montage", user="bench")
+        load = [round(x, 2) for x in os.getloadavg()]
+        out["runs"].append({**_stage("montage", proj.root, rid, n), "loadavg_1_5_15_at_start": load})
+        rids.append(rid)
+    hashes = [json.loads((proj.root / "runs" / str(r) / "metrics.json").read_text()).get("content_hash") for r in rids]
+    out["identical_for_1_and_2_ranks"] = len(set(hashes)) == 1
+    r1, r2 = out["runs"]
+    mp = Z * T * th * tw / 1e6
+    out["efficiency_1_to_2"] = round(r1["seconds"] / (2 * r2["seconds"]), 3)
+    out["compute_efficiency_1_to_2"] = round(r1["compute_seconds"] / (2 * r2["compute_seconds"]), 3)
+    out["cpu_efficiency_1_to_2"] = round(sum(r1["cpu_s_per_rank"]) / sum(r2["cpu_s_per_rank"]), 3)
+    out["mp_per_s_per_core_1rank"] = round(mp / r1["seconds"], 2)
+    out["mp_per_s_per_core_2ranks"] = round(mp / r2["seconds"] / 2, 2)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", type=int, default=8, help="sections for the single-core measurements (default 8)")
@@ -213,6 +249,8 @@ def main() -> None:
                     help="sections of the synthetic demo project for the 1 vs 2 rank runs (default 32: "
                          "enough work that process start-up and the serial finalisation are amortised)")
     ap.add_argument("--no-mpi", action="store_true", help="skip the 1 vs 2 rank stage runs")
+    ap.add_argument("--large-grid", default="4x4", help="tiles per section (YxX) of the larger montage 1 vs 2 rank "
+                                                         "run (default 4x4; 'none' skips it)")
     args = ap.parse_args()
     t = time.perf_counter()
     load0 = [round(x, 2) for x in os.getloadavg()]
@@ -234,6 +272,12 @@ def main() -> None:
     res["align_synthetic"] = bench_align(data, n_sections=args.sections)
     if not args.no_mpi:
         res["mpi"] = bench_mpi(data)
+        if args.large_grid != "none":
+            try:
+                gy, gx = (int(v) for v in args.large_grid.lower().split("x"))
+            except ValueError:
+                raise SystemExit(f"--large-grid: expected YxX like 4x4, got {args.large_grid!r}")
+            res["mpi"]["montage_large"] = bench_mpi_montage_large(args.mpi_sections, (gy, gx))
     out = ROOT / "bench" / "results" / "montage_align.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
@@ -251,6 +295,12 @@ def main() -> None:
             print(f"{k + ' efficiency 1→2 ranks (wall)':40s} {m[k + '_efficiency_1_to_2']:>10} {0.9:>8}")
             print(f"{k + ' efficiency 1→2 ranks (compute)':40s} {m[k + '_compute_efficiency_1_to_2']:>10} {0.9:>8}  {m[k][0]['compute_seconds']} s → {m[k][1]['compute_seconds']} s")
             print(f"{k + ' efficiency 1→2 ranks (CPU work)':40s} {m[k + '_cpu_efficiency_1_to_2']:>10} {0.9:>8}")
+        if "montage_large" in m:
+            L = m["montage_large"]
+            print(f"{'montage, ' + L['data'].split(', ', 1)[1]:40s}")
+            print(f"{'  1 rank / 2 ranks (s)':40s} {L['runs'][0]['seconds']:>10} {L['runs'][1]['seconds']:>8}")
+            print(f"{'  efficiency 1→2 ranks (wall)':40s} {L['efficiency_1_to_2']:>10} {0.9:>8}")
+            print(f"{'  efficiency 1→2 ranks (compute)':40s} {L['compute_efficiency_1_to_2']:>10} {0.9:>8}")
     print(f"wrote {out}")
 
 
