@@ -124,6 +124,8 @@ class NGView:
         def fn(s):
             s.layout = layout
         try:
+            if "3d" in layout:  # a view opened 2-D only gets its mesh source now
+                self.app.ctx.viewers.ensure_meshes(self.viewer)
             self.viewer.retry_txn(fn)
         except Exception:
             log.warning("viewer layout change failed:\n%s", traceback.format_exc())

@@ -189,3 +189,27 @@ def test_first_page_preloads_its_viewer_in_the_head(world):
     assert page.ng.preload_script() == ""  # closed: nothing to preload
     tmpl = EmloopTemplate._template.read_text()
     assert "{{ emloop_preload }}" in tmpl and "block preamble" in tmpl
+
+
+def test_segmentation_view_gets_its_meshes_with_the_3d_layout(world):
+    """The 2-D review view opens without the mesh source (nothing draws meshes there; one source less
+    to load before the first draw); choosing "2D + 3D meshes" adds it to the same viewer."""
+    import neuroglancer
+
+    from dashboard.pages.segmentation import SegmentationPage
+    app = _app(world, "pat")
+    page = SegmentationPage(app)
+    page.panel()
+    viewer = page.ng.viewer
+    src = viewer.state.layers["segmentation"].source
+    assert len(src) == 1 and str(src[0].url).startswith("zarr3://")
+    page.layout.value = "xy-3d"
+    assert page.ng.viewer is viewer and viewer.state.layout.type == "xy-3d"
+    src = viewer.state.layers["segmentation"].source
+    assert len(src) == 2 and (isinstance(src[1].url, neuroglancer.LocalVolume)
+                              or str(src[1].url).startswith("python://volume/"))  # registered by the txn
+    assert src[1].subsources["meshes"].enabled and not src[1].subsources["default"].enabled
+    page.layout.value = "xy"
+    page.layout.value = "xy-3d"  # again: still one mesh source
+    assert len(viewer.state.layers["segmentation"].source) == 2
+    page.ng.close()

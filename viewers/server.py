@@ -372,14 +372,16 @@ class ViewerServer:
 
     def new_viewer(self, product_id: int | None = None, *, user: str | None = None, section: int | None = None,
                    position: Sequence[int] | None = None, segments: Iterable[int] = (), flag_id: int | None = None,
-                   compare_with: int | None = None, layout: str | None = None) -> tuple[neuroglancer.Viewer, str]:
+                   compare_with: int | None = None, layout: str | None = None,
+                   meshes: bool = True) -> tuple[neuroglancer.Viewer, str]:
         """A new viewer (own state) of a product, with the proofreading keys of its kind → (viewer, URL).
 
         ``flag_id`` opens the current version of the flag's segmentation at the
         flag with its segments selected.  ``position`` is a voxel (z, y, x);
         ``section`` a section index (raw tiles, montage, aligned);
         ``compare_with`` another segmentation product (``layout`` "side" or "layered").
-        ``user`` None gives a read-only view.
+        ``user`` None gives a read-only view.  ``meshes`` False leaves the 3-D mesh source out (a 2-D view
+        draws none; it costs the first draw a source to load) until :meth:`ensure_meshes`.
         """
         if self.closed:
             raise EmloopError("the viewer server is stopped")
@@ -403,7 +405,7 @@ class ViewerServer:
             if len(position) != 3:
                 raise InputError(f"position must be z,y,x, got {position}")
         state = self.state_for_product(product.id, section=section, position=position, segments=segments,
-                                       compare_with=compare_with, layout=layout)
+                                       compare_with=compare_with, layout=layout, meshes=meshes)
         viewer = neuroglancer.Viewer()
         viewer.set_state(state)
         session = ViewerSession(self, viewer, product, user)
@@ -419,6 +421,20 @@ class ViewerServer:
         if message:
             session.status(message)
         return viewer, viewer.get_viewer_url()
+
+    def ensure_meshes(self, viewer: neuroglancer.Viewer | str) -> bool:
+        """Give a segmentation view opened without meshes (``new_viewer(meshes=False)``) its mesh source."""
+        sess = self.session(viewer)
+        vol = self.mesh_volume(sess.product)
+        if vol is None:
+            return False
+        src = L.segmentation_source(self.data_base, P.served_path(self.project, sess.product), vol)
+
+        def fn(s):
+            if L.SEG_LAYER in s.layers and len(s.layers[L.SEG_LAYER].source) < 2:
+                s.layers[L.SEG_LAYER].source = src
+        sess.viewer.retry_txn(fn)
+        return True
 
     def session(self, viewer: neuroglancer.Viewer | str) -> ViewerSession:
         """The session of a viewer (or viewer token)."""

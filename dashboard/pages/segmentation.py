@@ -206,7 +206,8 @@ class SegmentationPage(Page):
         root, ids, cur = D.lineage(self.app.project, self.product_id)
         self._ids, self._current = ids, cur
         self._show_metrics()
-        self.ng.show(cur, layout=self.layout.value)
+        # the 2-D layout draws no meshes: their source joins when the 3-D layout is chosen (a faster first draw)
+        self.ng.show(cur, layout=self.layout.value, meshes=self.layout.value != "xy")
         self._shown_item = None
         self._load_queue()
         self._load_flags()
