@@ -166,78 +166,68 @@ def _stage(stage: str, root: Path, rid: int, n: int) -> dict:
             "cpu_s_per_rank": cpus, "compute_cpu_s_per_rank": ccpu, "peak_rss_mib_per_rank": peaks}
 
 
-def bench_mpi(data) -> dict:
+def _one_and_two_ranks(proj, stage: str) -> tuple[list[dict], list[int], bool]:
+    """Run ``stage`` on ``proj`` with 1 and then 2 ranks → (per-run measurements, run ids, same product?)."""
+    from pipeline_core.runs import prepare_run
+
+    runs, rids = [], []
+    for n in (1, 2):
+        rid = prepare_run(proj, stage, user="bench")
+        load = [round(x, 2) for x in os.getloadavg()]
+        runs.append({**_stage(stage, proj.root, rid, n), "loadavg_1_5_15_at_start": load})
+        rids.append(rid)
+    hashes = [json.loads((proj.root / "runs" / str(r) / "metrics.json").read_text()).get("content_hash") for r in rids]
+    return runs, rids, len(set(hashes)) == 1
+
+
+def _efficiencies(r1: dict, r2: dict, mp: float) -> dict:
+    """1 → 2 rank efficiencies (wall, compute between barriers, CPU work) and MP/s per core of both runs."""
+    k1, k2 = r1["compute_seconds"], r2["compute_seconds"]
+    c1, c2 = sum(r1["cpu_s_per_rank"]), sum(r2["cpu_s_per_rank"])
+    return {"efficiency_1_to_2": round(r1["seconds"] / (2 * r2["seconds"]), 3),
+            "compute_efficiency_1_to_2": round(k1 / (2 * k2), 3) if k1 and k2 else None,
+            # work efficiency: CPU of 1 rank / total CPU of 2 ranks (robust to other load on the machine)
+            "cpu_efficiency_1_to_2": round(c1 / c2, 3) if c2 else None,
+            "mp_per_s_per_core_1rank": round(mp / r1["seconds"], 2),
+            "mp_per_s_per_core_2ranks": round(mp / r2["seconds"] / 2, 2)}
+
+
+def _project(data):
+    """A fresh project (temporary folder) with ``data`` ingested → (project, folder)."""
     from pipeline_core.ingest import ingest_synthetic
     from pipeline_core.project import Project
-    from pipeline_core.runs import prepare_run
 
     tmp = Path(tempfile.mkdtemp(prefix="emloop-bench-"))
     proj = Project.init(tmp / "proj", user="bench")
     ingest_synthetic(proj, data, user="bench")
+    return proj, tmp
+
+
+def bench_mpi(data) -> dict:
+    proj, _ = _project(data)
     out = {"data": f"synthetic demo project, {data.tiles.shape[0]} sections of {data.tiles.shape[1]} tiles "
-                   f"{data.tiles.shape[2]}x{data.tiles.shape[3]}", "montage": [], "align": []}
-    mids = []
-    for n in (1, 2):
-        rid = prepare_run(proj, "montage", user="bench")
-        load = [round(x, 2) for x in os.getloadavg()]
-        out["montage"].append({**_stage("montage", proj.root, rid, n), "loadavg_1_5_15_at_start": load})
-        mids.append(rid)
+                   f"{data.tiles.shape[2]}x{data.tiles.shape[3]}"}
+    out["montage"], mids, out["montage_identical_for_1_and_2_ranks"] = _one_and_two_ranks(proj, "montage")
     proj.catalog.review(mids[0], "approve", "bench")
-    aids = []
-    for n in (1, 2):
-        rid = prepare_run(proj, "align", user="bench")
-        aids.append(rid)
-        load = [round(x, 2) for x in os.getloadavg()]
-        out["align"].append({**_stage("align", proj.root, rid, n), "loadavg_1_5_15_at_start": load})
-    hashes = {k: [json.loads((proj.root / "runs" / str(r) / "metrics.json").read_text()).get("content_hash")
-                  for r in rids] for k, rids in (("montage", mids), ("align", aids))}
-    for k in hashes:
-        out[k + "_identical_for_1_and_2_ranks"] = len(set(hashes[k])) == 1
+    out["align"], _, out["align_identical_for_1_and_2_ranks"] = _one_and_two_ranks(proj, "align")
     Z, T, th, tw = data.tiles.shape
     for k, mp in (("montage", Z * T * th * tw / 1e6), ("align", data.section_images.size / 1e6)):
-        t1, t2 = out[k][0]["seconds"], out[k][1]["seconds"]
-        out[k + "_efficiency_1_to_2"] = round(t1 / (2 * t2), 3)
-        k1, k2 = out[k][0]["compute_seconds"], out[k][1]["compute_seconds"]
-        out[k + "_compute_efficiency_1_to_2"] = round(k1 / (2 * k2), 3) if k1 and k2 else None
-        # work efficiency: CPU of 1 rank / total CPU of 2 ranks (robust to other load on the machine)
-        c1, c2 = sum(out[k][0]["cpu_s_per_rank"]), sum(out[k][1]["cpu_s_per_rank"])
-        out[k + "_cpu_efficiency_1_to_2"] = round(c1 / c2, 3) if c2 else None
-        out[k + "_mp_per_s_per_core_1rank"] = round(mp / t1, 2)
-        out[k + "_mp_per_s_per_core_2ranks"] = round(mp / t2 / 2, 2)
+        out.update({f"{k}_{name}": v for name, v in _efficiencies(out[k][0], out[k][1], mp).items()})
     return out
 
 
 def bench_mpi_montage_large(n_sections: int, grid: tuple[int, int]) -> dict:
     """1 vs 2 ranks of the montage stage on sections of ``grid`` tiles (closer to a real montage job than the
     2x2-tile demo, whose few seconds of work are dominated by process start-up)."""
-    from pipeline_core.ingest import ingest_synthetic
-    from pipeline_core.project import Project
-    from pipeline_core.runs import prepare_run
-
     t = time.perf_counter()
     data = synth.generate("demo", seed=1, n_sections=n_sections, grid=grid)
     gen = time.perf_counter() - t
-    tmp = Path(tempfile.mkdtemp(prefix="emloop-bench-"))
-    proj = Project.init(tmp / "proj", user="bench")
-    ingest_synthetic(proj, data, user="bench")
+    proj, tmp = _project(data)
     Z, T, th, tw = data.tiles.shape
     out = {"data": f"synthetic demo project, {Z} sections of {T} tiles {th}x{tw} ({grid[0]}x{grid[1]})",
-           "generation_s": round(gen, 1), "runs": []}
-    rids = []
-    for n in (1, 2):
-        rid = prepare_run(proj, "montage", user="bench")
-        load = [round(x, 2) for x in os.getloadavg()]
-        out["runs"].append({**_stage("montage", proj.root, rid, n), "loadavg_1_5_15_at_start": load})
-        rids.append(rid)
-    hashes = [json.loads((proj.root / "runs" / str(r) / "metrics.json").read_text()).get("content_hash") for r in rids]
-    out["identical_for_1_and_2_ranks"] = len(set(hashes)) == 1
-    r1, r2 = out["runs"]
-    mp = Z * T * th * tw / 1e6
-    out["efficiency_1_to_2"] = round(r1["seconds"] / (2 * r2["seconds"]), 3)
-    out["compute_efficiency_1_to_2"] = round(r1["compute_seconds"] / (2 * r2["compute_seconds"]), 3)
-    out["cpu_efficiency_1_to_2"] = round(sum(r1["cpu_s_per_rank"]) / sum(r2["cpu_s_per_rank"]), 3)
-    out["mp_per_s_per_core_1rank"] = round(mp / r1["seconds"], 2)
-    out["mp_per_s_per_core_2ranks"] = round(mp / r2["seconds"] / 2, 2)
+           "generation_s": round(gen, 1)}
+    out["runs"], _, out["identical_for_1_and_2_ranks"] = _one_and_two_ranks(proj, "montage")
+    out.update(_efficiencies(*out["runs"], Z * T * th * tw / 1e6))
     shutil.rmtree(tmp, ignore_errors=True)
     return out
 
@@ -252,6 +242,13 @@ def main() -> None:
     ap.add_argument("--large-grid", default="4x4", help="tiles per section (YxX) of the larger montage 1 vs 2 rank "
                                                          "run (default 4x4; 'none' skips it)")
     args = ap.parse_args()
+    large = None
+    if args.large_grid != "none":
+        try:
+            large = tuple(int(v) for v in args.large_grid.lower().split("x"))
+            assert len(large) == 2 and min(large) > 0
+        except (ValueError, AssertionError):
+            raise SystemExit(f"--large-grid: expected YxX like 4x4 (or none), got {args.large_grid!r}")
     t = time.perf_counter()
     load0 = [round(x, 2) for x in os.getloadavg()]
     n_gen = args.sections if args.no_mpi else max(args.sections, args.mpi_sections)
@@ -272,12 +269,8 @@ def main() -> None:
     res["align_synthetic"] = bench_align(data, n_sections=args.sections)
     if not args.no_mpi:
         res["mpi"] = bench_mpi(data)
-        if args.large_grid != "none":
-            try:
-                gy, gx = (int(v) for v in args.large_grid.lower().split("x"))
-            except ValueError:
-                raise SystemExit(f"--large-grid: expected YxX like 4x4, got {args.large_grid!r}")
-            res["mpi"]["montage_large"] = bench_mpi_montage_large(args.mpi_sections, (gy, gx))
+        if large is not None:
+            res["mpi"]["montage_large"] = bench_mpi_montage_large(args.mpi_sections, large)
     out = ROOT / "bench" / "results" / "montage_align.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))

@@ -9,7 +9,6 @@ from typing import Iterable, Sequence
 
 import holoviews as hv
 import pandas as pd
-import panel as pn
 import param
 from panel.reactive import ReactiveHTML
 
@@ -213,14 +212,12 @@ class NGFrame(ReactiveHTML):
 class NGReadyListener(ReactiveHTML):
     """Counts the embedded Neuroglancer's "first view shows data" messages (see ``viewers.server.READY_BEACON``).
 
-    ``frame`` is the iframe's name; ``count`` goes up once per viewer that reported, ``ok`` is False when
-    the viewer gave up waiting (a layer that never loads) and ``ms`` is how long it took after its page loaded.
+    ``frame`` is the iframe's name; ``count`` goes up once per viewer that reported (also when it gave up
+    waiting for a layer that never loads: the page must not wait for it either).
     """
 
     frame = param.String(default="")
     count = param.Integer(default=0)
-    ok = param.Boolean(default=True)
-    ms = param.Number(default=0.0)
 
     _template = '<div id="ngready" style="display:none"></div>'
     _scripts = {
@@ -228,8 +225,6 @@ class NGReadyListener(ReactiveHTML):
           const handler = (ev) => {
             const d = ev.data;
             if (!d || typeof d !== 'object' || d.emloopNgReady !== data.frame) return;
-            data.ok = !!d.ok;
-            data.ms = +d.ms || 0;
             data.count = data.count + 1;
           };
           window.addEventListener('message', handler);

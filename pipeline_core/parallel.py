@@ -22,7 +22,6 @@ def quiet_barrier(comm, poll_s: float = 0.005) -> None:
         time.sleep(poll_s)
 
 
-
 def claim_indices(claims_dir, n: int, comm=None, *, skip: Callable[[int], bool] | None = None) -> Iterator[int]:
     """Indices of range(n) handed out on demand by exclusive-create claim files; yields this rank's.
 

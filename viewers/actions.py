@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import neuroglancer
-import numpy as np
 from pipeline_core import store
 from pipeline_core.catalog import Product
 from pipeline_core.errors import EmloopError

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np

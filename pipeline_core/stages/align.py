@@ -228,23 +228,9 @@ def run(ctx: StageContext) -> dict:
 
     # 5: render my sections into the output
     out = ctx.output_path
-    if ctx.rank == 0:
-        fresh = True
-        if (out / "zarr.json").exists():
-            try:
-                m = store.read_meta(out)
-                fresh = not (tuple(m.shape) == (Z, H, W) and m.dtype == str(src.dtype))
-            except Exception:
-                fresh = True
-        if fresh:
-            store.create_volume(out, (Z, H, W), src.dtype, meta.voxel_size, kind="image", chunks=(1, 256, 256),
-                                overwrite=True, provenance={"stage": "align", "run": ctx.run_id, "input": str(src_path),
-                                                            "params": dict(ctx.params)})
-            for z in range(Z):
-                mk = ctx.blocks_dir / f"align-render-{z}.done"
-                if mk.exists():
-                    mk.unlink()
-    ctx.barrier()
+    ctx.section_volume(out, (Z, H, W), src.dtype, meta.voxel_size, kind="image", marker="align-render",
+                       provenance={"stage": "align", "run": ctx.run_id, "input": str(src_path),
+                                   "params": dict(ctx.params)})
     writer = store.SectionWriter(out)
     for z in ctx.dynamic_items(Z):
         name = f"align-render-{z}"
@@ -343,6 +329,7 @@ def _groundtruth_plan(ctx, shape) -> dict | None:
 
 
 _GT_DST = "groundtruth.ome.zarr"
+_GT_EXACT = "solved transforms (montage + align) and the generator's truth"
 
 
 def _carry_groundtruth_sections(ctx, plan, T, V, ys, xs, shape, aligned) -> None:
@@ -351,25 +338,10 @@ def _carry_groundtruth_sections(ctx, plan, T, V, ys, xs, shape, aligned) -> None
     from .. import groundtruth
     Z, H, W = shape
     dst = ctx.run_dir / _GT_DST
-    if ctx.rank == 0:
-        fresh = True
-        if (dst / "zarr.json").exists():
-            try:
-                m = store.read_meta(dst)
-                fresh = not (tuple(m.shape) == tuple(shape) and m.dtype == plan["src"].dtype)
-            except Exception:
-                fresh = True
-        if fresh:
-            meta = store.read_meta(plan["labels"])
-            store.create_volume(dst, shape, np.dtype(plan["src"].dtype), meta.voxel_size, kind="labels",
-                                chunks=(1, 256, 256), overwrite=True,
-                                provenance={"stage": "align", "run": ctx.run_id, "source_labels": plan["src"].id,
-                                            "method": "solved transforms (montage + align) and the generator's truth"})
-            for z in range(Z):
-                mk = ctx.blocks_dir / f"align-gt-{z}.done"
-                if mk.exists():
-                    mk.unlink()
-    ctx.barrier()
+    ctx.section_volume(dst, shape, plan["src"].dtype, store.read_meta(plan["labels"]).voxel_size, kind="labels",
+                       marker="align-gt",
+                       provenance={"stage": "align", "run": ctx.run_id, "source_labels": plan["src"].id,
+                                   "method": _GT_EXACT})
     rec = _transforms_record(T, V, ys, xs, [{"status": None}] * Z, (H, W))
     labels = store.open_level(plan["labels"], 0)
     writer = store.SectionWriter(dst)
@@ -411,9 +383,10 @@ def _carry_groundtruth(ctx, out, plan=None) -> dict | None:
         infos = [ctx.block_info(f"align-gt-{z}") or {} for z in range(Z)]
         scores = [i["score"] for i in infos if i.get("score") is not None]
         score = float(np.mean(scores)) if scores else 0.0
-        info = {"labels_product": src.id, "method": "solved transforms (montage + align) and the generator's truth"}
-        finish = lambda: store.finalize_volume(dst, plane_digests=[i.get("digest") for i in infos]  # noqa: E731
-                                               if all("digest" in i for i in infos) else None)
+        info = {"labels_product": src.id, "method": _GT_EXACT}
+
+        def finish():
+            return store.finalize_volume(dst, plane_digests=ctx.plane_digests([f"align-gt-{z}" for z in range(Z)]))
     else:
         image = store.read_volume(out)
         labels = store.read_volume(ctx.project.abspath(src.path))

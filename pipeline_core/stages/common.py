@@ -25,6 +25,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+
 from ..parallel import claim_indices, quiet_barrier
 from ..errors import EmloopError, InputError
 from ..project import Project
@@ -179,6 +181,29 @@ class StageContext:
         if not p.exists():
             return None
         return json.loads(p.read_text())
+
+    def section_volume(self, path, shape, dtype, voxel_size, *, kind: str, provenance: dict, marker: str) -> None:
+        """Rank 0: keep the plane-written volume at ``path`` when a resumed run made it with this shape and
+        dtype, else create it (z chunks of 1) and drop the markers ``<marker>-<z>`` of planes written before.
+        Collective (ends with a barrier)."""
+        from .. import store
+        if self.rank == 0:
+            path = Path(path)
+            keep = False
+            if (path / "zarr.json").exists():
+                try:
+                    m = store.read_meta(path)
+                    keep = tuple(m.shape) == tuple(shape) and m.dtype == str(np.dtype(dtype))
+                except Exception:
+                    keep = False
+            if not keep:
+                store.create_volume(path, tuple(shape), np.dtype(dtype), voxel_size, kind=kind, chunks=(1, 256, 256),
+                                    overwrite=True, provenance=provenance)
+                for z in range(shape[0]):
+                    mk = self._marker(f"{marker}-{z}")
+                    if mk.exists():
+                        mk.unlink()
+        self.barrier()
 
     def plane_digests(self, names) -> list | None:
         """The plane digests (:func:`store.plane_digest`) recorded in the markers ``names`` (one per z),
