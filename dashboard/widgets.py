@@ -232,7 +232,8 @@ class NGReadyListener(ReactiveHTML):
           const early = window.emloopNgReady && window.emloopNgReady[data.frame];
           if (early) {  // the preloaded viewer reported before this listener existed
             delete window.emloopNgReady[data.frame];
-            handler({data: early});
+            // not during render: the server's answer to a change made there (the rest of the page) was never shown
+            setTimeout(() => handler({data: early}), 0);
           }
         """,
         "remove": "window.removeEventListener('message', state.handler);",

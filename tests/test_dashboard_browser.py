@@ -260,3 +260,21 @@ def test_segmentation_link_preloads_its_viewer(served, chrome, tmp_path):
     assert el.get_attribute("src") == loads[0]
     page.screenshot(path=str(shots / "11-segmentation-link.png"), full_page=True)
     ctx.close()
+
+
+def test_rest_of_the_page_joins_on_a_report_kept_before_render(served, chrome):
+    """A viewer that reports its first view before BokehJS has rendered the page's listener (the head script
+    keeps the message in ``window.emloopNgReady``) still brings the page's tables at once, not only when the
+    REST_AFTER_S fallback fires.  Here the viewer's own page is blocked, so the kept report is the only one."""
+    from dashboard.pages.segmentation import REST_AFTER_S
+
+    proj, base, data = served
+    if not proj.catalog.runs("segment"):
+        fake_segmentation(proj, data.labels, data.voxel_size, merge=touching_pair(data.labels))
+    ctx, page = _login(chrome, base, "pat")
+    page.add_init_script("window.emloopNgReady = {'seg-ng': {emloopNgReady: 'seg-ng', ok: true, ms: 1}};")
+    page.route(re.compile(r".*/v/[0-9a-f]+/$"), lambda route: route.abort())
+    page.goto(base + "/?page=segmentation")
+    # the fallback attaches REST_AFTER_S after the page loaded; the kept report must do it well before
+    page.wait_for_selector(".emloop-flag-table", timeout=REST_AFTER_S * 0.75 * 1000)
+    ctx.close()
