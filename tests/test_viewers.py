@@ -593,3 +593,57 @@ def test_viewer_limit_evicts_the_oldest(seg):
         assert list(srv.sessions) == [views[1].token, views[2].token]
     finally:
         srv.stop()
+
+
+# --------------------------------------------------------------------------- many flags
+
+
+def test_near_flags_keeps_the_nearest_in_nm():
+    """Distances are physical (anisotropic voxels), dismissed flags never count, the radius is the farthest kept."""
+    from types import SimpleNamespace as F
+
+    flags = [F(id=1, z=0, y=0, x=30, status="open"),       # 30 * 4 nm = 120 nm
+             F(id=2, z=3, y=0, x=0, status="open"),        # 3 * 40 nm = 120 nm (tie: lower id first)
+             F(id=3, z=1, y=0, x=0, status="dismissed"),   # nearest, but dismissed
+             F(id=4, z=0, y=20, x=0, status="fixed"),      # 80 nm
+             F(id=5, z=9, y=9, x=9, status="open")]
+    near, radius = layers.near_flags(flags, (0, 0, 0), (40, 4, 4), limit=2)
+    assert [f.id for f in near] == [1, 4] and radius == pytest.approx(120.0)
+    near, radius = layers.near_flags(flags, (0, 0, 0), (40, 4, 4), limit=4)
+    assert [f.id for f in near] == [1, 2, 4, 5] and radius == float("inf")
+
+
+def test_many_flags_layer_follows_the_view(seg, tiny, monkeypatch):
+    """With more flags than a layer holds, a view shows those nearest it and says so in its status line; moving
+    the view far enough refills the layer around its new place, and a new flag there appears on the next refresh."""
+    proj, img_id, seg_id = seg
+    monkeypatch.setattr(layers, "FLAGS_NEAR_VIEW", 10)
+    Z, Y, X = tiny.labels.shape
+    made = [proj.catalog.add_flag(seg_id, "note", (z, y, 20 + 4 * i), "carol")
+            for i, (z, y) in enumerate([(z, y) for z in range(Z) for y in (20, 100, 170)][:24])]
+    srv = ViewerServer(proj, poll_s=0)
+    try:
+        v, _ = srv.new_viewer(seg_id, user="alice", position=(0, 20, 20), meshes=False)
+        s = srv.session(v)
+        shown = {a.id for a in _flags_annotations(v)}
+        assert len(shown) == 10
+        ref, _ = layers.near_flags(made, (0, 20, 20), proj.catalog.product(seg_id).voxel_size, limit=10)
+        assert shown == {f"flag-{f.id}" for f in ref}
+        assert "10 of 24 flags nearest the view" in v.config_state.state.status_messages["emloop-flags"]
+
+        far = (Z - 1, 170, 100)
+        with v.txn() as st:
+            st.position = [far[2] + 0.5, far[1] + 0.5, far[0] + 0.5]
+        ref, _ = layers.near_flags(made, far, proj.catalog.product(seg_id).voxel_size, limit=10)
+        want = {f"flag-{f.id}" for f in ref}
+        deadline = time.monotonic() + 30
+        while {a.id for a in _flags_annotations(v)} != want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert {a.id for a in _flags_annotations(v)} == want
+        assert s.flag_window[0] == far
+
+        new = proj.catalog.add_flag(seg_id, "merge", far, "carol")
+        srv.refresh_flags(seg_id)
+        assert f"flag-{new.id}" in {a.id for a in _flags_annotations(v)}
+    finally:
+        srv.stop()

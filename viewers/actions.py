@@ -26,6 +26,7 @@ message and writes nothing.
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -138,7 +139,12 @@ class ViewerSession:
         self._lock = threading.Lock()
         self._labels = None
         self._labels_product = None
+        #: (centre zyx, radius nm, flags shown, flags in all) when the flags layer holds only the flags nearest the
+        #: view (too many to show all); None when it shows every flag
+        self.flag_window: tuple | None = None
+        self.window_pending = False
         viewer.shared_state.add_changed_callback(self._track_selection)
+        viewer.shared_state.add_changed_callback(self._track_view)
 
     # -- helpers -----------------------------------------------------------------------
     @property
@@ -146,9 +152,12 @@ class ViewerSession:
         return self.viewer.token
 
     def status(self, message: str, key: str = "emloop") -> None:
-        """Show ``message`` in the viewer's status line."""
+        """Show ``message`` in the viewer's status line (an empty one removes the line ``key``)."""
         def fn(s):
-            s.status_messages[key] = message
+            if message:
+                s.status_messages[key] = message
+            else:
+                s.status_messages.pop(key, None)
         self.viewer.config_state.retry_txn(fn, lock=True)
 
     def set_note(self, text: str) -> None:
@@ -175,6 +184,30 @@ class ViewerSession:
                     self._selection = [i for i in self._selection if i in visible]
                     self._selection += [i for i in visible if i not in self._selection]
                 return
+
+    def view_position(self) -> tuple[int, int, int] | None:
+        """The voxel (z, y, x) at the centre of the view (None before the state has a 3-D position)."""
+        try:
+            pos = self.viewer.shared_state.raw_state.get("position")
+        except Exception:
+            return None
+        if not isinstance(pos, list) or len(pos) != 3:
+            return None
+        x, y, z = (int(math.floor(float(v))) for v in pos)
+        return (z, y, x)
+
+    def _track_view(self) -> None:
+        """Refill the flags layer (in the background) when the view moved more than half the window's radius."""
+        win = self.flag_window
+        if win is None or self.window_pending or self.compare:
+            return
+        pos = self.view_position()
+        if pos is None:
+            return
+        d = math.sqrt(sum(((a - b) * v) ** 2 for a, b, v in zip(pos, win[0], self.product.voxel_size)))
+        if d > win[1] / 2:
+            self.window_pending = True
+            self.hub.move_flag_window(self)
 
     def selected_segment(self, action_state, exclude: int) -> int | None:
         """The most recently selected visible segment other than ``exclude`` (None when there is none)."""

@@ -158,6 +158,27 @@ def flag_annotations(flags: Iterable[Flag], authors: Sequence[str]) -> list[neur
     return out
 
 
+FLAGS_NEAR_VIEW = 500  #: a flags layer holds at most this many flags: those nearest the view (inline annotations cost load time)
+
+
+def near_flags(flags: Sequence[Flag], center_zyx, voxel_size, limit: int | None = None) -> tuple[list[Flag], float]:
+    """The ``limit`` (default :data:`FLAGS_NEAR_VIEW`) not-dismissed flags nearest voxel ``center_zyx`` (distance
+    in nm) → (flags, radius nm).
+
+    ``radius`` is the distance of the farthest flag kept (infinite when every flag is kept): a view that
+    moves well inside it still shows every flag near it."""
+    limit = FLAGS_NEAR_VIEW if limit is None else int(limit)
+    flags = [f for f in flags if f.status != "dismissed"]
+    if len(flags) <= limit:
+        return flags, float("inf")
+    v = np.asarray(voxel_size, dtype=np.float64)
+    pos = np.array([(f.z, f.y, f.x) for f in flags], dtype=np.float64)
+    d = np.sqrt((((pos - np.asarray(center_zyx, dtype=np.float64)) * v) ** 2).sum(1))
+    keep = np.argpartition(d, limit - 1)[:limit]
+    keep = keep[np.lexsort((np.array([flags[i].id for i in keep]), d[keep]))]
+    return [flags[i] for i in sorted(keep, key=lambda i: flags[i].id)], float(d[keep].max())
+
+
 def flags_layer(flags: Sequence[Flag], voxel_size, *, seg_layer: str | None = SEG_LAYER) -> neuroglancer.LocalAnnotationLayer:
     """Flags as a point annotation layer with properties kind, status, author, flag, version; coloured by kind."""
     flags = [f for f in flags if f.status != "dismissed"]
@@ -571,6 +592,15 @@ def comparison_state(project: Project, product_a: Product, product_b: Product, d
     return s
 
 
+def view_center(product: Product, *, section: int | None = None, position_zyx=None) -> tuple[int, int, int]:
+    """The voxel (z, y, x) a new view of a volume product is centred on (as :func:`_base_state` places it)."""
+    Z, Y, X = (int(v) for v in product.shape)
+    if position_zyx is not None:
+        return tuple(int(v) for v in position_zyx)
+    z = int(section) if section is not None and 0 <= int(section) < Z else Z // 2
+    return (z, Y // 2, X // 2)
+
+
 def state_for_product(project: Project, product_id: int, data_base: str, *, section: int | None = None,
                       position_zyx=None, flags: Sequence[Flag] | None = None, segments: Iterable[int] = (),
                       meshes: neuroglancer.LocalVolume | None = None,
@@ -587,6 +617,9 @@ def state_for_product(project: Project, product_id: int, data_base: str, *, sect
     if flags is None and product.kind in P.VOLUME_KINDS:
         flags = sorted((f for pid in P.lineage_ids(project, product.id)
                         for f in project.catalog.flags(pid, include_dismissed=False)), key=lambda f: f.id)
+    if flags is not None and product.kind in P.VOLUME_KINDS:
+        center = view_center(product, section=section, position_zyx=position_zyx)
+        flags, _ = near_flags(flags, center, product.voxel_size)
     if product.kind == "montage":
         return montage_state(project, product, data_base, section=section, position_zyx=position_zyx,
                              layout=layout or "xy", flags=flags)

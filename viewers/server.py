@@ -27,6 +27,7 @@ import concurrent.futures
 import importlib.metadata
 import ipaddress
 import logging
+import math
 import re
 import threading
 import traceback
@@ -247,6 +248,7 @@ class ViewerServer:
         self.sessions: "collections.OrderedDict[str, ViewerSession]" = collections.OrderedDict()
         self._by_root: dict[int, set[str]] = {}
         self._flag_sigs: dict[int, tuple] = {}
+        self._flags_cache: dict[int, tuple] = {}  # lineage root -> (flag signature, flags)
         self._lock = threading.RLock()
         self._mesh_cache: "collections.OrderedDict[int, neuroglancer.LocalVolume]" = collections.OrderedDict()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="emloop-viewer")
@@ -367,8 +369,52 @@ class ViewerServer:
         """Neuroglancer state of a product served by this server (see :func:`viewers.layers.state_for_product`)."""
         product = P.get_product(self.project, product_id)
         mesh = self.mesh_volume(product) if meshes and compare_with is None else None
+        flags = self.lineage_flags(product.id) if product.kind in P.VOLUME_KINDS and compare_with is None else None
         return L.state_for_product(self.project, product.id, self.data_base, section=section, position_zyx=position,
-                                   segments=segments, meshes=mesh, compare_with=compare_with, layout=layout)
+                                   segments=segments, meshes=mesh, compare_with=compare_with, layout=layout,
+                                   flags=flags)
+
+    def lineage_flags(self, product_or_root: int) -> list:
+        """Not-dismissed flags of a lineage (every version), cached until the catalog's flag signature moves."""
+        root = P.lineage_root(self.project, product_or_root)
+        sig = flags_signature(self.project, root)
+        with self._lock:
+            hit = self._flags_cache.get(root)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+        flags = flags_for_layer(self.project, root)
+        with self._lock:
+            self._flags_cache[root] = (sig, flags)
+        return flags
+
+    def flags_near_view(self, session: ViewerSession, center_zyx=None) -> list:
+        """The flags ``session``'s flags layer shows (those nearest its view, see :func:`viewers.layers.near_flags`);
+        remembers the window so that the view moving far enough brings the flags near its new place."""
+        flags = self.lineage_flags(session.root)
+        center = center_zyx if center_zyx is not None else session.view_position()
+        if center is None:
+            center = L.view_center(session.product)
+        near, radius = L.near_flags(flags, center, session.product.voxel_size)
+        had = session.flag_window is not None
+        session.flag_window = None if math.isinf(radius) else (tuple(center), radius, len(near), len(flags))
+        if session.flag_window is not None:
+            session.status(f"flags layer: the {len(near)} of {len(flags)} flags nearest the view", key="emloop-flags")
+        elif had:
+            session.status("", key="emloop-flags")
+        return near
+
+    def move_flag_window(self, session: ViewerSession) -> concurrent.futures.Future:
+        """Refill ``session``'s flags layer around its current view (in the server's worker threads)."""
+        def run():
+            try:
+                if session.token not in self.sessions:
+                    return
+                flags = self.flags_near_view(session)
+                update_flags_layer(session.viewer, flags, session.product.voxel_size,
+                                   L.SEG_LAYER if session.kind in P.SEGMENTATION_KINDS else None)
+            finally:
+                session.window_pending = False
+        return self._executor.submit(run)
 
     def new_viewer(self, product_id: int | None = None, *, user: str | None = None, section: int | None = None,
                    position: Sequence[int] | None = None, segments: Iterable[int] = (), flag_id: int | None = None,
@@ -412,6 +458,8 @@ class ViewerServer:
         session.compare = compare_with is not None
         if not session.compare:
             session.install()
+            if product.kind in P.VOLUME_KINDS:  # the window the state's flags layer was filled with
+                self.flags_near_view(session, L.view_center(product, section=section, position_zyx=position))
         with self._lock:
             self.sessions[viewer.token] = session
             self._by_root.setdefault(session.root, set()).add(viewer.token)
@@ -493,11 +541,10 @@ class ViewerServer:
             return 0
         # the signature before the flags: a change in between is seen by the next poll
         self._flag_sigs[root] = flags_signature(self.project, root)
-        flags = flags_for_layer(self.project, root)
         for s in sessions:
             if s.kind == "raw_tiles" or s.compare:
                 continue
-            update_flags_layer(s.viewer, flags, s.product.voxel_size,
+            update_flags_layer(s.viewer, self.flags_near_view(s), s.product.voxel_size,
                                L.SEG_LAYER if s.kind in P.SEGMENTATION_KINDS else None)
         return len(sessions)
 
