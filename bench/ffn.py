@@ -349,7 +349,12 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-points", type=int, default=3, help="checkpoints scored on the held-out block per dataset")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: peak,fov,onednn,train,mpi,oracle,quality")
+    ap.add_argument("--datasets", default="gala,medulla", help="comma list of the quality section's datasets")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="JSON file written (sections skipped are kept from it)")
     args = ap.parse_args(argv)
+    datasets = set(filter(None, args.datasets.split(",")))
+    if not datasets <= {"gala", "medulla"}:
+        raise SystemExit(f"--datasets {args.datasets}: choose from gala, medulla")
     skip = set(filter(None, args.skip.split(",")))
     n = 3 if args.quick else 10
     out: dict = {"machine": cpu_info(), "reference": {"google_ffn_fov_per_s": REFERENCE_FOV_PER_S,
@@ -403,10 +408,12 @@ def main(argv=None) -> int:
         # gala: train on train, evaluate on the test volume; medulla: train on z 0-99, hold out
         # z 100-149 (y, x 50-200) -- disjoint, the training windows never reach z >= 100
         qroot = Path(tempfile.mkdtemp(prefix="ffn_quality_"))
-        q = {"gala_test": quality_run("gala", qroot / "gala", args.train_steps, gala["train_raw"], gala["train_gt_neuron_ids"],
-                                      gala["test_raw"], gala["test_gt_neuron_ids"], args.eval_points,
-                                      "trained on train_*, scored on all of test_* (gt 0 ignored)")}
-        if raw_m is not None:
+        q = {}
+        if "gala" in datasets:
+            q["gala_test"] = quality_run("gala", qroot / "gala", args.train_steps, gala["train_raw"],
+                                         gala["train_gt_neuron_ids"], gala["test_raw"], gala["test_gt_neuron_ids"],
+                                         args.eval_points, "trained on train_*, scored on all of test_* (gt 0 ignored)")
+        if raw_m is not None and "medulla" in datasets:
             tr_m = small_to_ignored(gt_m[:100], 1000)
             te_m = small_to_ignored(gt_m[100:150, 50:200, 50:200], 1000)
             q["medulla_z100_149"] = quality_run("medulla", qroot / "medulla", args.train_steps, raw_m[:100], tr_m,
@@ -416,7 +423,7 @@ def main(argv=None) -> int:
                                                 "baseline tuned on z 0-99, y,x 0-127 of the training region",
                                                 tune=(raw_m[:100, :128, :128], small_to_ignored(gt_m[:100, :128, :128], 1000)))
         out["quality"] = q
-        if model_dir is None:
+        if model_dir is None and "gala" in datasets:
             model_dir = qroot / "gala"
         print("quality", json.dumps({k: {kk: v[kk] for kk in ("ffn", "baseline", "ffn_beats_baseline")} for k, v in q.items()}, indent=1))
     if gala is not None and model_dir is not None and "mpi" not in skip and MPIEXEC.exists():
@@ -444,12 +451,13 @@ def main(argv=None) -> int:
             res["segment_efficiency_per_core"] = s11["s"] / (2 * s2["s"])
         out["mpi"] = res
         print("mpi", json.dumps(res, indent=1))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    if skip and RESULTS.exists():  # keep the sections this run skipped from the previous results
-        prev = json.loads(RESULTS.read_text())
+    res_path = args.results
+    res_path.parent.mkdir(parents=True, exist_ok=True)
+    if skip and res_path.exists():  # keep the sections this run skipped from the previous results
+        prev = json.loads(res_path.read_text())
         prev.update(out)
         out = prev
-    RESULTS.write_text(json.dumps(out, indent=1, default=float))
+    res_path.write_text(json.dumps(out, indent=1, default=float))
     print_table(out)
     return 0
 
