@@ -351,6 +351,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list of sections to skip: peak,fov,onednn,train,mpi,oracle,quality")
     ap.add_argument("--datasets", default="gala,medulla", help="comma list of the quality section's datasets")
     ap.add_argument("--results", type=Path, default=RESULTS, help="JSON file written (sections skipped are kept from it)")
+    ap.add_argument("--model-root", type=Path, help="quality section: train into DIR/<dataset> instead of a temporary folder; "
+                    "a model there is resumed up to --train-steps (keep its checkpoint period, "
+                    "--train-steps / --eval-points)")
     args = ap.parse_args(argv)
     datasets = set(filter(None, args.datasets.split(",")))
     if not datasets <= {"gala", "medulla"}:
@@ -407,7 +410,7 @@ def main(argv=None) -> int:
     if gala is not None and "quality" not in skip:
         # gala: train on train, evaluate on the test volume; medulla: train on z 0-99, hold out
         # z 100-149 (y, x 50-200) -- disjoint, the training windows never reach z >= 100
-        qroot = Path(tempfile.mkdtemp(prefix="ffn_quality_"))
+        qroot = args.model_root or Path(tempfile.mkdtemp(prefix="ffn_quality_"))
         q = {}
         if "gala" in datasets:
             q["gala_test"] = quality_run("gala", qroot / "gala", args.train_steps, gala["train_raw"],
