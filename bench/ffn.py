@@ -322,10 +322,12 @@ def quality_run(name: str, model_dir: Path, steps: int, train_img, train_gt, tes
     mean, std = image_stats(train_img)
     cfg = M.preset("demo", image_mean=mean, image_std=std)
     p = T.TrainParams(steps=steps, batch_size=8, checkpoint_every=every, log_every=50, permute_axes=(0, 1, 2))
+    ck = T.latest_checkpoint(model_dir)  # --model-root: a model there is resumed
     summary = T.train(cfg, [(train_img, train_gt)], model_dir, p, log=lambda m: print(name, m, flush=True))
     curve = [json.loads(x) for x in (model_dir / "curve.jsonl").read_text().splitlines() if x.strip()]
     out = {"note": note, "train_shape": list(train_img.shape), "test_shape": list(test_img.shape),
-           "training": {k: summary[k] for k in ("steps", "final_loss", "train_s", "steps_per_s")},
+           "training": {**{k: summary[k] for k in ("steps", "final_loss", "train_s", "steps_per_s")},
+                        "resumed_from_step": int(ck["step"]) if ck else 0},
            "inference_params": dict(INFER, deltas=list(INFER_DELTAS)),
            "loss_curve": [{"step": c["step"], "loss": round(c["loss"], 4)} for c in curve]}
     out.update(baseline_quality(test_img, test_gt, *(tune or (train_img, train_gt))))

@@ -68,7 +68,9 @@ def test_demo_ffn_learns_and_is_scored(scores):
 @pytest.mark.xfail(strict=False, reason="measured 2026-11-27 on one core: after 600 steps the demo FFN has not learnt "
                    "to stop at membranes (first-FOV p(object) 0.81 in the seed's object, 0.64 in other cells, 0.58 on "
                    "membranes), so it merges: VI ~5 (split 1.6, merge 3.4) vs the tuned watershed's 1.25 on this "
-                   "crop; with the old 300-evaluation cap even a perfect (oracle) network scored VI 2.5. See bench/ffn.py")
+                   "crop; with the old 300-evaluation cap even a perfect (oracle) network scored VI 2.5. See bench/ffn.py. "
+                   "Longer training does it: 25,000 steps (48 min on 2 cores) reach VI 1.21 vs the watershed's 1.29 "
+                   "on all of gala test (bench/results/ffn_long_gala.json) -- beyond a test's budget")
 def test_demo_ffn_beats_baseline_on_held_out_block(scores):
     ffn, base = scores["ffn"], scores["baseline"]
     assert ffn["vi"] < base["vi"], f"demo FFN VI {ffn['vi']:.3f} does not beat the baseline's {base['vi']:.3f}"
