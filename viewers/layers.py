@@ -174,8 +174,7 @@ def near_flags(flags: Sequence[Flag], center_zyx, voxel_size, limit: int | None 
     v = np.asarray(voxel_size, dtype=np.float64)
     pos = np.array([(f.z, f.y, f.x) for f in flags], dtype=np.float64)
     d = np.sqrt((((pos - np.asarray(center_zyx, dtype=np.float64)) * v) ** 2).sum(1))
-    keep = np.argpartition(d, limit - 1)[:limit]
-    keep = keep[np.lexsort((np.array([flags[i].id for i in keep]), d[keep]))]
+    keep = np.lexsort((np.array([f.id for f in flags]), d))[:limit]  # nearest first, ties by flag id
     return [flags[i] for i in sorted(keep, key=lambda i: flags[i].id)], float(d[keep].max())
 
 
