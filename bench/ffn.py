@@ -496,4 +496,8 @@ def print_table(out: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline_core.errors import EmloopError
+    try:
+        sys.exit(main())
+    except EmloopError as e:  # e.g. --model-root holding a model of another network config
+        sys.exit(f"error: {e}")

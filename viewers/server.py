@@ -365,11 +365,13 @@ class ViewerServer:
 
     def state_for_product(self, product_id: int, *, section: int | None = None, position: Sequence[int] | None = None,
                           segments: Iterable[int] = (), compare_with: int | None = None, layout: str | None = None,
-                          meshes: bool = True) -> neuroglancer.ViewerState:
-        """Neuroglancer state of a product served by this server (see :func:`viewers.layers.state_for_product`)."""
+                          meshes: bool = True, flags: list | None = None) -> neuroglancer.ViewerState:
+        """Neuroglancer state of a product served by this server (see :func:`viewers.layers.state_for_product`);
+        ``flags``: the lineage's flags when the caller has them (default: :meth:`lineage_flags`)."""
         product = P.get_product(self.project, product_id)
         mesh = self.mesh_volume(product) if meshes and compare_with is None else None
-        flags = self.lineage_flags(product.id) if product.kind in P.VOLUME_KINDS and compare_with is None else None
+        if flags is None and product.kind in P.VOLUME_KINDS and compare_with is None:
+            flags = self.lineage_flags(product.id)
         return L.state_for_product(self.project, product.id, self.data_base, section=section, position_zyx=position,
                                    segments=segments, meshes=mesh, compare_with=compare_with, layout=layout,
                                    flags=flags)
@@ -387,10 +389,11 @@ class ViewerServer:
             self._flags_cache[root] = (sig, flags)
         return flags
 
-    def flags_near_view(self, session: ViewerSession, center_zyx=None) -> list:
-        """The flags ``session``'s flags layer shows (those nearest its view, see :func:`viewers.layers.near_flags`);
-        remembers the window so that the view moving far enough brings the flags near its new place."""
-        flags = self.lineage_flags(session.root)
+    def flags_near_view(self, session: ViewerSession, center_zyx=None, flags: list | None = None) -> list:
+        """The flags ``session``'s flags layer shows (those nearest its view, see :func:`viewers.layers.near_flags`)
+        out of ``flags`` (default: :meth:`lineage_flags`); remembers the window so that the view moving far
+        enough brings the flags near its new place."""
+        flags = self.lineage_flags(session.root) if flags is None else flags
         center = center_zyx if center_zyx is not None else session.view_position()
         if center is None:
             center = L.view_center(session.product)
@@ -450,16 +453,17 @@ class ViewerServer:
             position = tuple(int(v) for v in position)
             if len(position) != 3:
                 raise InputError(f"position must be z,y,x, got {position}")
+        flags = self.lineage_flags(product.id) if product.kind in P.VOLUME_KINDS and compare_with is None else None
         state = self.state_for_product(product.id, section=section, position=position, segments=segments,
-                                       compare_with=compare_with, layout=layout, meshes=meshes)
+                                       compare_with=compare_with, layout=layout, meshes=meshes, flags=flags)
         viewer = neuroglancer.Viewer()
         viewer.set_state(state)
         session = ViewerSession(self, viewer, product, user)
         session.compare = compare_with is not None
         if not session.compare:
             session.install()
-            if product.kind in P.VOLUME_KINDS:  # the window the state's flags layer was filled with
-                self.flags_near_view(session, L.view_center(product, section=section, position_zyx=position))
+            if flags is not None:  # the window the state's flags layer was filled with
+                self.flags_near_view(session, L.view_center(product, section=section, position_zyx=position), flags)
         with self._lock:
             self.sessions[viewer.token] = session
             self._by_root.setdefault(session.root, set()).add(viewer.token)
@@ -541,10 +545,11 @@ class ViewerServer:
             return 0
         # the signature before the flags: a change in between is seen by the next poll
         self._flag_sigs[root] = flags_signature(self.project, root)
+        flags = self.lineage_flags(root)
         for s in sessions:
             if s.kind == "raw_tiles" or s.compare:
                 continue
-            update_flags_layer(s.viewer, self.flags_near_view(s), s.product.voxel_size,
+            update_flags_layer(s.viewer, self.flags_near_view(s, flags=flags), s.product.voxel_size,
                                L.SEG_LAYER if s.kind in P.SEGMENTATION_KINDS else None)
         return len(sessions)
 
