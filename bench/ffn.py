@@ -311,7 +311,7 @@ def baseline_quality(image, gt, train_img, train_gt, ignore_gt=(0,)) -> dict:
 
 
 def quality_run(name: str, model_dir: Path, steps: int, train_img, train_gt, test_img, test_gt, eval_points: int,
-                note: str = "", tune: tuple | None = None) -> dict:
+                note: str = "", tune: tuple | None = None, lr_schedule: str = "constant") -> dict:
     """Train a demo FFN on (train_img, train_gt) for ``steps``, score ``eval_points`` checkpoints and the
     tuned baseline on the held-out (test_img, test_gt); return the curve and both VIs."""
     from pipeline_core.ffn import model as M
@@ -321,13 +321,15 @@ def quality_run(name: str, model_dir: Path, steps: int, train_img, train_gt, tes
     every = max(50, steps // max(1, eval_points))
     mean, std = image_stats(train_img)
     cfg = M.preset("demo", image_mean=mean, image_std=std)
-    p = T.TrainParams(steps=steps, batch_size=8, checkpoint_every=every, log_every=50, permute_axes=(0, 1, 2))
+    p = T.TrainParams(steps=steps, batch_size=8, checkpoint_every=every, log_every=50, permute_axes=(0, 1, 2),
+                      lr_schedule=lr_schedule)
     ck = T.latest_checkpoint(model_dir)  # --model-root: a model there is resumed
     summary = T.train(cfg, [(train_img, train_gt)], model_dir, p, log=lambda m: print(name, m, flush=True))
     curve = [json.loads(x) for x in (model_dir / "curve.jsonl").read_text().splitlines() if x.strip()]
     out = {"note": note, "train_shape": list(train_img.shape), "test_shape": list(test_img.shape),
            "training": {**{k: summary[k] for k in ("steps", "final_loss", "train_s", "steps_per_s")},
-                        "resumed_from_step": int(ck["step"]) if ck else 0},
+                        "resumed_from_step": int(ck["step"]) if ck else 0, "lr_schedule": lr_schedule,
+                        "learning_rate": p.learning_rate},
            "inference_params": dict(INFER, deltas=list(INFER_DELTAS)),
            "loss_curve": [{"step": c["step"], "loss": round(c["loss"], 4)} for c in curve]}
     out.update(baseline_quality(test_img, test_gt, *(tune or (train_img, train_gt))))
@@ -351,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-points", type=int, default=3, help="checkpoints scored on the held-out block per dataset")
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: peak,fov,onednn,train,mpi,oracle,quality")
+    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                    help="quality section: learning rate after the warm-up (cosine: down to 5%% at the last step)")
     ap.add_argument("--datasets", default="gala,medulla", help="comma list of the quality section's datasets")
     ap.add_argument("--results", type=Path, default=RESULTS, help="JSON file written (sections skipped are kept from it)")
     ap.add_argument("--model-root", type=Path, help="quality section: train into DIR/<dataset> instead of a temporary folder; "
@@ -417,7 +421,8 @@ def main(argv=None) -> int:
         if "gala" in datasets:
             q["gala_test"] = quality_run("gala", qroot / "gala", args.train_steps, gala["train_raw"],
                                          gala["train_gt_neuron_ids"], gala["test_raw"], gala["test_gt_neuron_ids"],
-                                         args.eval_points, "trained on train_*, scored on all of test_* (gt 0 ignored)")
+                                         args.eval_points, "trained on train_*, scored on all of test_* (gt 0 ignored)",
+                                         lr_schedule=args.lr_schedule)
         if raw_m is not None and "medulla" in datasets:
             tr_m = small_to_ignored(gt_m[:100], 1000)
             te_m = small_to_ignored(gt_m[100:150, 50:200, 50:200], 1000)
@@ -426,7 +431,8 @@ def main(argv=None) -> int:
                                                 "trained on z 0-99, scored on z 100-149 y,x 50-200; gt bodies < 1000 "
                                                 "voxels (within each region) ignored (set to 0) for training and scoring; "
                                                 "baseline tuned on z 0-99, y,x 0-127 of the training region",
-                                                tune=(raw_m[:100, :128, :128], small_to_ignored(gt_m[:100, :128, :128], 1000)))
+                                                tune=(raw_m[:100, :128, :128], small_to_ignored(gt_m[:100, :128, :128], 1000)),
+                                                lr_schedule=args.lr_schedule)
         out["quality"] = q
         if model_dir is None and "gala" in datasets:
             model_dir = qroot / "gala"

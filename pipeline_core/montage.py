@@ -64,8 +64,8 @@ from .registration import (
     texture_map,
     tukey_window,
     upsampled_peak,
-    shift_image_linear,
 )
+from .kernels import accumulate_tile
 
 __all__ = [
     "MontageParams",
@@ -882,17 +882,9 @@ def render_montage(
         if y1 <= y0 or x1 <= x0:
             continue
         wgt = _feather_weight((h, w), feather, mk[k])
-        if interpolation == "nearest":
-            img = _buffer(bufs, "img", (h, w))
-            np.copyto(img, a, casting="unsafe")
-        else:
-            img = shift_image_linear(a, py - iy, px - ix, buffer=lambda name, shp: _buffer(bufs, name, shp))
-        sl_t = (slice(y0 - iy, y1 - iy), slice(x0 - ix, x1 - ix))
-        wv = wgt[sl_t]
-        img_v = img[sl_t]
-        img_v *= wv
-        num[y0:y1, x0:x1] += img_v
-        den[y0:y1, x0:x1] += wv
+        fy, fx = (0.0, 0.0) if interpolation == "nearest" else (py - iy, px - ix)
+        # one fused pass per tile (pipeline_core.kernels): shift, weight and accumulate
+        y0, y1, x0, x1 = accumulate_tile(a, fy, fx, iy, ix, wgt, num, den)
         by0, by1, bx0, bx1 = min(by0, y0), max(by1, y1), min(bx0, x0), max(bx1, x1)
     # only the covered box needs normalising: elsewhere num = 0 → 0
     if by1 > by0 and bx1 > bx0:

@@ -37,7 +37,6 @@ __all__ = [
     "ncc_batch",
     "extract_blocks",
     "block_match",
-    "shift_image_linear",
 ]
 
 _F32 = np.float32
@@ -576,46 +575,6 @@ def block_match(
         flat_blocks = (np.abs(a).max(axis=(1, 2)) == 0) | (np.abs(b).max(axis=(1, 2)) == 0)
         va[s:e] = usable[s:e] & inside & ~flat_blocks
     return {"ys": ys, "xs": xs, "flow": flow, "peak_ratio": ratio, "peak": peak, "valid": valid}
-
-
-# --------------------------------------------------------------------------- warping helpers
-
-
-def shift_image_linear(img: np.ndarray, fy: float, fx: float, *, buffer=None) -> np.ndarray:
-    """Shift an image by a fractional amount with separable linear interpolation.
-
-    ``img``: (y, x); ``fy, fx`` in [0, 1).  Returns float32 ``out`` of shape
-    (y+1, x+1) with ``out[k] = img(k - f)`` per axis, i.e. the content moves by +f;
-    samples outside the input replicate the edge pixel.  ``buffer(name, shape)``
-    (optional) supplies float32 scratch arrays (the result too) for callers that
-    shift many tiles and reuse memory (fresh large arrays cost page faults).
-    """
-    new = buffer or (lambda _name, shape: np.empty(shape, dtype=_F32))
-    a = np.asarray(img)
-    if a.dtype.kind not in "uib":  # integers convert exactly inside the float32 products below
-        a = a.astype(_F32, copy=False)
-    h, w = a.shape
-    ax = new("ax", (h, w + 1))
-    if fx:
-        np.multiply(a[:, 1:], _F32(1.0 - fx), out=ax[:, 1:w], casting="unsafe")
-        tmp = new("tx", (h, w - 1))
-        np.multiply(a[:, :-1], _F32(fx), out=tmp, casting="unsafe")
-        ax[:, 1:w] += tmp
-    else:
-        ax[:, 1:w] = a[:, 1:]
-    ax[:, 0] = a[:, 0]
-    ax[:, w] = a[:, w - 1]
-    out = new("img", (h + 1, w + 1))
-    if fy:
-        np.multiply(ax[1:], _F32(1.0 - fy), out=out[1:h])
-        tmp = new("ty", (h - 1, w + 1))
-        np.multiply(ax[:-1], _F32(fy), out=tmp)
-        out[1:h] += tmp
-    else:
-        out[1:h] = ax[1:]
-    out[0] = ax[0]
-    out[h] = ax[h - 1]
-    return out
 
 
 # --------------------------------------------------------------------------- dense flow

@@ -36,6 +36,22 @@ def test_lr_scaling_rules_and_warmup():
         train.TrainParams(lr_scaling="cubic")
 
 
+def test_cosine_schedule_falls_from_the_scaled_rate_to_the_final_fraction():
+    p = train.TrainParams(steps=1000, learning_rate=1e-3, lr_scaling="sqrt", warmup_steps=100, lr_schedule="cosine",
+                          lr_final_fraction=0.1)
+    top = 2e-3  # sqrt(4) ranks
+    assert train.scaled_lr(p, 4, 49) == pytest.approx(top * 50 / 100)        # the warm-up is unchanged
+    assert train.scaled_lr(p, 4, 100) == pytest.approx(top)                    # starts at the scaled rate
+    assert train.scaled_lr(p, 4, 550) == pytest.approx(top * 0.55)             # half-way: (f + 1) / 2
+    assert train.scaled_lr(p, 4, 1000) == pytest.approx(top * 0.1)             # ends at the final fraction
+    lrs = [train.scaled_lr(p, 4, s) for s in range(100, 1001)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))                           # never rises
+    assert train.scaled_lr(train.TrainParams(steps=1000, warmup_steps=0, lr_scaling="none"), 1, 999) == pytest.approx(1e-3)
+    for bad, match in (({"lr_schedule": "step"}, "lr_schedule"), ({"lr_final_fraction": 0.0}, "lr_final_fraction")):
+        with pytest.raises(InputError, match=match):
+            train.TrainParams(**bad)
+
+
 def test_train_writes_model_dir_and_resumes_exactly(tmp_path):
     img, lab, vs = _volume()
     cfg = model.preset("tiny", voxel_size=vs, image_mean=float(img.mean()), image_std=float(img.std()))

@@ -7,7 +7,10 @@ same weights (rank 0's are broadcast) and apply the same averaged gradients with
 state, so their weights stay identical.
 
 Learning rate: ``learning_rate * s(N)`` with ``s = 1 | N | sqrt(N)`` for ``lr_scaling =
-none | linear | sqrt`` and N ranks, ramped linearly over the first ``warmup_steps`` steps.
+none | linear | sqrt`` and N ranks, ramped linearly over the first ``warmup_steps`` steps; with
+``lr_schedule = "cosine"`` it then falls along a half cosine to ``lr_final_fraction`` of that value at
+``steps`` (the default ``"constant"`` keeps it). The schedule is a function of the step only, so a
+resumed run follows it exactly.
 
 Model directory layout (``PROJECT/models/<id>/``)::
 
@@ -39,6 +42,7 @@ from .model import FFNConfig, build_model, load_config
 from ..parallel import quiet_barrier
 
 LR_SCALINGS = ("none", "linear", "sqrt")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclasses.dataclass
@@ -47,6 +51,8 @@ class TrainParams:
 
     steps: total optimiser steps (all ranks step together). batch_size: examples per rank per step.
     learning_rate: Adam step size for one rank; scaled by lr_scaling; warmup_steps: linear ramp.
+    lr_schedule: after the warm-up, ``constant`` or ``cosine`` (half cosine down to
+    ``lr_final_fraction`` × the scaled rate at ``steps``).
     checkpoint_every: steps between checkpoints (also the example/RNG reset period).
     log_every: steps between curve entries. seed: base random seed.
     move_threshold: FOV move threshold (probability) during training.
@@ -59,6 +65,8 @@ class TrainParams:
     learning_rate: float = 1e-3
     lr_scaling: str = "sqrt"
     warmup_steps: int = 50
+    lr_schedule: str = "constant"
+    lr_final_fraction: float = 0.05
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -70,6 +78,11 @@ class TrainParams:
     def __post_init__(self):
         if self.lr_scaling not in LR_SCALINGS:
             raise InputError(f"training parameter lr_scaling={self.lr_scaling!r}: use one of {LR_SCALINGS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"training parameter lr_schedule={self.lr_schedule!r}: use one of {LR_SCHEDULES}")
+        if not 0 < float(self.lr_final_fraction) <= 1:
+            raise InputError(f"training parameter lr_final_fraction={self.lr_final_fraction}: must be in (0, 1]")
+        self.lr_final_fraction = float(self.lr_final_fraction)
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"training parameter {name}={getattr(self, name)}: must be >= 1")
@@ -93,6 +106,11 @@ def scaled_lr(params: TrainParams, world_size: int, step: int) -> float:
     target = params.learning_rate * s
     if params.warmup_steps > 0 and step < params.warmup_steps:
         return target * (step + 1) / params.warmup_steps
+    if params.lr_schedule == "cosine":
+        span = max(1, params.steps - params.warmup_steps)
+        t = min(1.0, (step - params.warmup_steps) / span)
+        f = params.lr_final_fraction
+        return target * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * t)))
     return target
 
 

@@ -36,6 +36,7 @@ DEFAULTS: dict = {
     "learning_rate": 1e-3,
     "lr_scaling": "sqrt",
     "warmup_steps": 50,
+    "lr_schedule": "constant",
     "checkpoint_every": 100,
     "seed": 0,
     "move_threshold": 0.9,
@@ -55,6 +56,7 @@ PARAM_HELP = {
     "learning_rate": "Adam step size for one rank",
     "lr_scaling": "how the learning rate grows with ranks: none | linear | sqrt",
     "warmup_steps": "linear learning-rate warm-up (steps)",
+    "lr_schedule": "after the warm-up: constant | cosine (half cosine down to 5% at the last step; for long runs)",
     "checkpoint_every": "steps between checkpoints (resume points)",
     "ignore_labels": "label ids never used as training centres (e.g. 0 = boundary)",
     "holdout_z": "last N sections withheld from training and used to score the model against the baseline",
@@ -63,6 +65,19 @@ PARAM_HELP = {
     "training_set": "fine-tune on this TrainingSet (id; 0 = none): regions around reviewed flags; needs --from-model",
     "mix_original": "with a training set: fraction of examples drawn from the original aligned + labels inputs",
 }
+
+
+def _train_params(p: dict, isotropic: bool) -> "ffn_train.TrainParams":
+    """The stage's parameters as TrainParams (axis permutations follow the voxel anisotropy)."""
+    from ..ffn import train as ffn_train
+
+    return ffn_train.TrainParams(
+        steps=int(p["steps"]), batch_size=int(p["batch_size"]), learning_rate=float(p["learning_rate"]),
+        lr_scaling=str(p["lr_scaling"]), warmup_steps=int(p["warmup_steps"]),
+        lr_schedule=str(p.get("lr_schedule", "constant")),
+        checkpoint_every=int(p["checkpoint_every"]), seed=int(p["seed"]), move_threshold=float(p["move_threshold"]),
+        permute_axes=(0, 1, 2) if isotropic else (1, 2), ignore_labels=tuple(int(v) for v in p["ignore_labels"]),
+        aux_boundary_weight=float(p.get("aux_boundary_weight", 0.0)))
 
 
 def _existing_model(ctx: StageContext):
@@ -97,12 +112,7 @@ def run(ctx: StageContext) -> dict:
     cfg = ffn_model.preset(str(p["preset"]), voxel_size=vs, image_mean=mean, image_std=std,
                            dtype_policy=str(p["dtype_policy"]))
     isotropic = max(vs) <= 1.5 * min(vs)
-    params = ffn_train.TrainParams(
-        steps=int(p["steps"]), batch_size=int(p["batch_size"]), learning_rate=float(p["learning_rate"]),
-        lr_scaling=str(p["lr_scaling"]), warmup_steps=int(p["warmup_steps"]),
-        checkpoint_every=int(p["checkpoint_every"]), seed=int(p["seed"]), move_threshold=float(p["move_threshold"]),
-        permute_axes=(0, 1, 2) if isotropic else (1, 2), ignore_labels=tuple(int(v) for v in p["ignore_labels"]),
-        aux_boundary_weight=float(p.get("aux_boundary_weight", 0.0)))
+    params = _train_params(p, isotropic)
 
     parent_id = ctx.run.model_id
     training_data = {"image_product": ctx.input_product("aligned").id, "labels_product": ctx.input_product("labels").id,
@@ -195,12 +205,7 @@ def _finetune(ctx: StageContext) -> dict:
     vols, desc = loop.training_volumes(ctx.project, ts_id, cfg, mix_original=mix, original=original)
     training_data.update(desc, voxel_size=list(vs), parent_model=parent_id)
     isotropic = max(vs) <= 1.5 * min(vs)
-    params = ffn_train.TrainParams(
-        steps=int(p["steps"]), batch_size=int(p["batch_size"]), learning_rate=float(p["learning_rate"]),
-        lr_scaling=str(p["lr_scaling"]), warmup_steps=int(p["warmup_steps"]),
-        checkpoint_every=int(p["checkpoint_every"]), seed=int(p["seed"]), move_threshold=float(p["move_threshold"]),
-        permute_axes=(0, 1, 2) if isotropic else (1, 2), ignore_labels=tuple(int(v) for v in p["ignore_labels"]),
-        aux_boundary_weight=float(p.get("aux_boundary_weight", 0.0)))
+    params = _train_params(p, isotropic)
     model_id = _register_model(ctx, pcfg.preset, parent_id, training_data)
     mdir = ctx.model_dir(model_id)
     summary = ffn_train.train(cfg, vols, mdir, params, comm=ctx.comm, log=ctx.log if ctx.rank == 0 else None,
