@@ -67,7 +67,7 @@ PARAM_HELP = {
 }
 
 
-def _train_params(p: dict, isotropic: bool) -> "ffn_train.TrainParams":
+def _train_params(p: dict, isotropic: bool):
     """The stage's parameters as TrainParams (axis permutations follow the voxel anisotropy)."""
     from ..ffn import train as ffn_train
 
