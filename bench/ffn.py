@@ -281,6 +281,10 @@ def oracle_policy_run(preset: str, image: np.ndarray, labels: np.ndarray, batch:
 INFER = {"move_threshold": 0.8, "segment_threshold": 0.5, "max_evals_per_object": 1500, "min_size": 200,
          "move_center_threshold": 0.5}
 INFER_DELTAS = (5, 5, 5)
+#: --tune-inference: settings tried on a block of the *training* region (never the held-out one); the
+#: best VI there is used for the held-out scores. The per-object evaluation cap bounds the run time of a
+#: badly trained net, but it also stops a large neuron growing (medulla neurons cross the whole block)
+INFER_GRID = ({}, {"max_evals_per_object": 0}, {"max_evals_per_object": 0, "move_threshold": 0.65, "segment_threshold": 0.4})
 
 
 def ffn_quality(model_dir: Path, image, gt, params: dict, step: int | None = None, ignore_gt=(0,)) -> dict:
@@ -311,7 +315,8 @@ def baseline_quality(image, gt, train_img, train_gt, ignore_gt=(0,)) -> dict:
 
 
 def quality_run(name: str, model_dir: Path, steps: int, train_img, train_gt, test_img, test_gt, eval_points: int,
-                note: str = "", tune: tuple | None = None, lr_schedule: str = "constant") -> dict:
+                note: str = "", tune: tuple | None = None, lr_schedule: str = "constant",
+                infer_tune: tuple | None = None) -> dict:
     """Train a demo FFN on (train_img, train_gt) for ``steps``, score ``eval_points`` checkpoints and the
     tuned baseline on the held-out (test_img, test_gt); return the curve and both VIs."""
     from pipeline_core.ffn import model as M
@@ -333,10 +338,20 @@ def quality_run(name: str, model_dir: Path, steps: int, train_img, train_gt, tes
            "inference_params": dict(INFER, deltas=list(INFER_DELTAS)),
            "loss_curve": [{"step": c["step"], "loss": round(c["loss"], 4)} for c in curve]}
     out.update(baseline_quality(test_img, test_gt, *(tune or (train_img, train_gt))))
+    infer = dict(INFER)
+    if infer_tune is not None:  # (image, gt) of a training block: pick the inference settings there
+        out["inference_tuning"] = []
+        for combo in INFER_GRID:
+            r = ffn_quality(model_dir, infer_tune[0], infer_tune[1], dict(INFER, **combo), step=steps)
+            out["inference_tuning"].append({"settings": combo, "shape": list(infer_tune[0].shape), **r["ffn"],
+                                            "fraction_segmented": r["ffn_stats"]["fraction_segmented"]})
+            print(name, "inference tuning", combo, "VI", round(r["ffn"]["vi"], 3), flush=True)
+        infer.update(min(out["inference_tuning"], key=lambda t: t["vi"])["settings"])
+        out["inference_params"] = dict(infer, deltas=list(INFER_DELTAS))
     steps_eval = sorted(set(list(range(every, steps, every))[-(eval_points - 1):] + [steps])) if eval_points > 1 else [steps]
     out["vi_curve"] = []
     for st in steps_eval:
-        r = ffn_quality(model_dir, test_img, test_gt, INFER, step=st)
+        r = ffn_quality(model_dir, test_img, test_gt, infer, step=st)
         out["vi_curve"].append(r)
         print(name, "step", st, "FFN VI", round(r["ffn"]["vi"], 3), "baseline", round(out["baseline"]["vi"], 3), flush=True)
     last = out["vi_curve"][-1]
@@ -355,6 +370,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", default="", help="comma list of sections to skip: peak,fov,onednn,train,mpi,oracle,quality")
     ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                     help="quality section: learning rate after the warm-up (cosine: down to 5%% at the last step)")
+    ap.add_argument("--tune-inference", action="store_true",
+                    help="quality section (medulla): choose the inference settings (INFER_GRID) on a training block first")
     ap.add_argument("--datasets", default="gala,medulla", help="comma list of the quality section's datasets")
     ap.add_argument("--results", type=Path, default=RESULTS, help="JSON file written (sections skipped are kept from it)")
     ap.add_argument("--model-root", type=Path, help="quality section: train into DIR/<dataset> instead of a temporary folder; "
@@ -432,7 +449,9 @@ def main(argv=None) -> int:
                                                 "voxels (within each region) ignored (set to 0) for training and scoring; "
                                                 "baseline tuned on z 0-99, y,x 0-127 of the training region",
                                                 tune=(raw_m[:100, :128, :128], small_to_ignored(gt_m[:100, :128, :128], 1000)),
-                                                lr_schedule=args.lr_schedule)
+                                                lr_schedule=args.lr_schedule,
+                                                infer_tune=(raw_m[:64, :128, :128], small_to_ignored(gt_m[:64, :128, :128], 1000))
+                                                if args.tune_inference else None)
         out["quality"] = q
         if model_dir is None and "gala" in datasets:
             model_dir = qroot / "gala"
