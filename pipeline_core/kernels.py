@@ -17,8 +17,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_F32 = np.float32
-
 
 @njit(cache=True, nogil=True, fastmath=False)
 def accumulate_tile(a, fy, fx, iy, ix, wgt, num, den):  # pragma: no cover - compiled
