@@ -130,3 +130,13 @@ def test_two_ranks_keep_identical_weights(tmp_path):
     assert cfg["world_size"] == 2 and cfg["train"]["lr_scaling"] == "linear"
     m, _ = train.load_model(tmp_path / "m")
     assert train.weights_digest(m) == res[0]["sha"]
+
+
+def test_train_stage_parameters_reach_train_params():
+    from pipeline_core.stages.train import DEFAULTS, _train_params
+
+    p = _train_params({**DEFAULTS, "lr_schedule": "cosine"}, (10.0, 10.0, 10.0))
+    assert p.lr_schedule == "cosine" and p.permute_axes == (0, 1, 2)
+    assert _train_params(dict(DEFAULTS), (40.0, 8.0, 8.0)).permute_axes == (1, 2)   # no z permutation: anisotropic
+    with pytest.raises(InputError, match="lr_schedule"):
+        _train_params({**DEFAULTS, "lr_schedule": "linear-decay"}, (10.0, 10.0, 10.0))

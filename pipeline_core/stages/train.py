@@ -67,10 +67,11 @@ PARAM_HELP = {
 }
 
 
-def _train_params(p: dict, isotropic: bool):
-    """The stage's parameters as TrainParams (axis permutations follow the voxel anisotropy)."""
+def _train_params(p: dict, vs: tuple):
+    """The stage's parameters as TrainParams; augmentation permutes z only for near-isotropic voxels ``vs``."""
     from ..ffn import train as ffn_train
 
+    isotropic = max(vs) <= 1.5 * min(vs)
     return ffn_train.TrainParams(
         steps=int(p["steps"]), batch_size=int(p["batch_size"]), learning_rate=float(p["learning_rate"]),
         lr_scaling=str(p["lr_scaling"]), warmup_steps=int(p["warmup_steps"]),
@@ -111,8 +112,7 @@ def run(ctx: StageContext) -> dict:
     mean, std = image_stats(tr_img)
     cfg = ffn_model.preset(str(p["preset"]), voxel_size=vs, image_mean=mean, image_std=std,
                            dtype_policy=str(p["dtype_policy"]))
-    isotropic = max(vs) <= 1.5 * min(vs)
-    params = _train_params(p, isotropic)
+    params = _train_params(p, vs)
 
     parent_id = ctx.run.model_id
     training_data = {"image_product": ctx.input_product("aligned").id, "labels_product": ctx.input_product("labels").id,
@@ -204,8 +204,7 @@ def _finetune(ctx: StageContext) -> dict:
     vs = vs or tuple(float(v) for v in (ts.meta or {}).get("voxel_size", [1, 1, 1]))
     vols, desc = loop.training_volumes(ctx.project, ts_id, cfg, mix_original=mix, original=original)
     training_data.update(desc, voxel_size=list(vs), parent_model=parent_id)
-    isotropic = max(vs) <= 1.5 * min(vs)
-    params = _train_params(p, isotropic)
+    params = _train_params(p, vs)
     model_id = _register_model(ctx, pcfg.preset, parent_id, training_data)
     mdir = ctx.model_dir(model_id)
     summary = ffn_train.train(cfg, vols, mdir, params, comm=ctx.comm, log=ctx.log if ctx.rank == 0 else None,
