@@ -275,8 +275,8 @@ def main() -> None:
     if args.no_mpi and out.exists():  # keep the last 1 vs 2 rank figures, saying when they were taken
         old = json.loads(out.read_text())
         if "mpi" in old:
-            res["mpi"] = dict(old["mpi"], kept_from_earlier_run=old.get("mpi", {}).get("kept_from_earlier_run")
-                              or f"measured with the code of an earlier run (load at its start {old['machine'].get('loadavg_1_5_15_at_start')})")
+            res["mpi"] = {"kept_from_earlier_run": "measured with the code of an earlier run (load at its start "
+                          f"{old['machine'].get('loadavg_1_5_15_at_start')})", **old["mpi"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     rows = [("montage synthetic (1 core)", res["montage_synthetic"]["mp_per_s_per_core"], 50),
