@@ -46,11 +46,11 @@ CONFIG = {
     # network's training window is 9 sections deep
     "synthetic": dict(parent_steps=1500, child_steps=400, batch_size=4, lr_scaling="none", core_size=[8, 96, 96],
                       holdout_z=0, min_size=1000, min_overlap=100, merges=3, splits=3, eval_min_size=1000, min_seg=50,
-                      child_lr=3e-4, mix=0.5, max_evals=300, preset="demo", n_sections=16),
+                      child_lr=3e-4, mix=0.5, max_evals=300, preset="demo", n_sections=16, seed=0),
     "flyem": dict(parent_steps=1500, child_steps=400, batch_size=4, lr_scaling="none", mix=0.5, core_size=[48, 64, 64],
                   holdout_z=0, held_out_z=24, child_lr=3e-4,
                   crop=(slice(0, 96), slice(0, 128), slice(0, 128)), min_size=1000, min_overlap=100, merges=3,
-                  splits=3, eval_min_size=1000, min_seg=50, max_evals=300, preset="demo"),
+                  splits=3, eval_min_size=1000, min_seg=50, max_evals=300, preset="demo", seed=0),
 }
 
 
@@ -100,7 +100,7 @@ def run_loop(name: str, root: Path, log=print) -> dict:
     img_id, lab_id = o["image"][1], o["labels"][1]
     hz = int(cfg["holdout_z"])
     common = {"preset": cfg.get("preset", "tiny"), "batch_size": cfg["batch_size"], "checkpoint_every": 50, "holdout_z": hz,
-              "warmup_steps": 10, "lr_scaling": cfg["lr_scaling"]}
+              "warmup_steps": 10, "lr_scaling": cfg["lr_scaling"], "seed": int(cfg.get("seed", 0))}
     t = time.perf_counter()
     r = _submit(proj, prepare_run(proj, "train", params={**common, "steps": cfg["parent_steps"]},
                                   input_ids=[img_id, lab_id], user=USER))
@@ -191,6 +191,9 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a CONFIG entry for the chosen data set(s), e.g. --set mix=0.5 (JSON values)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="JSON file written (other data sets in it are kept)")
+    ap.add_argument("--seeds", default=None, metavar="S0,S1,...",
+                    help="run the loop once per training seed (parent and child); results under '<dataset>/seed<S>' "
+                         "and a per-seed summary table under '<dataset>/seeds'")
     args = ap.parse_args(argv)
     results = args.results
     names = ["synthetic", "flyem"] if args.dataset == "both" else [args.dataset]
@@ -207,17 +210,49 @@ def main(argv=None):
     out = json.loads(results.read_text()) if results.exists() else {}
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="emloop-loop-"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds}: give integers separated by commas, e.g. 0,1,2")
     for n in names:
         if n == "flyem" and not (DATA / "flyem_fib_medulla").is_dir():
             print(f"skip flyem: {DATA / 'flyem_fib_medulla'} is absent")
             continue
-        res = run_loop(n, base / n)
-        out = json.loads(results.read_text()) if results.exists() else {}   # another data set may have finished meanwhile
-        out[n] = res
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(out, indent=1, default=float))
-    print(json.dumps({k: {kk: v[kk] for kk in ("errors_at_flagged_locations",)} | {"held_out_vi": v["compare"]["held_out_vi"]}
-                      for k, v in out.items()}, indent=1))
+        for seed in seeds:
+            key = n if seed is None else f"{n}/seed{seed}"
+            if seed is not None:
+                CONFIG[n]["seed"] = seed
+            res = run_loop(n, base / key.replace("/", "_"))
+            out = json.loads(results.read_text()) if results.exists() else {}   # another data set may have finished meanwhile
+            out[key] = res
+            if seed is not None:
+                out[f"{n}/seeds"] = _seed_table(out, n)
+            results.parent.mkdir(parents=True, exist_ok=True)
+            results.write_text(json.dumps(out, indent=1, default=float))
+    for k, v in out.items():
+        if k.endswith("/seeds"):
+            print(f"{k}: seed | errors at flags before -> after | held-out VI parent -> child")
+            for row in v["rows"]:
+                print(f"  {row['seed']:>4} | {row['errors_before']:>2} -> {row['errors_after']:<2} | "
+                      f"{row['held_out_vi_parent']:.3f} -> {row['held_out_vi_child']:.3f}")
+            print(f"  {v['summary']}")
+        elif "errors_at_flagged_locations" in v:
+            print(k, json.dumps({"errors_at_flagged_locations": v["errors_at_flagged_locations"],
+                                 "held_out_vi": v["compare"]["held_out_vi"]}))
+
+
+def _seed_table(out: dict, name: str) -> dict:
+    """Per-seed rows of the loop's two must-show numbers, and how many seeds show both."""
+    rows = []
+    for k, v in sorted(out.items()):
+        if k.startswith(f"{name}/seed") and not k.endswith("/seeds"):
+            e, h = v["errors_at_flagged_locations"], v["compare"]["held_out_vi"] or {}
+            rows.append({"seed": int(k.rsplit("seed", 1)[1]), "errors_before": e["before"], "errors_after": e["after"],
+                         "held_out_vi_parent": h.get("parent"), "held_out_vi_child": h.get("child")})
+    fewer = sum(r["errors_after"] < r["errors_before"] for r in rows)
+    not_worse = sum(r["held_out_vi_child"] is not None and r["held_out_vi_child"] <= r["held_out_vi_parent"] for r in rows)
+    return {"rows": rows, "summary": f"{len(rows)} seeds: fewer errors at the flags in {fewer}, "
+                                     f"held-out VI not worse in {not_worse}"}
 
 
 if __name__ == "__main__":

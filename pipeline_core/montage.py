@@ -58,14 +58,12 @@ from scipy import ndimage as ndi
 from .errors import InputError
 from .registration import (
     find_peaks,
-    ncc,
-    normalize,
+    ncc_masks,
+    normalize_windowed,
     spectral_filter,
-    texture_map,
-    tukey_window,
     upsampled_peak,
 )
-from .kernels import accumulate_tile
+from .kernels import accumulate_tile, block_contrast, block_inside, finish_canvas
 
 __all__ = [
     "MontageParams",
@@ -108,6 +106,7 @@ class MontageParams:
     whiten: float = 1.0  #: spectral whitening exponent (1 = phase correlation)
     taper: int = 8  #: raised-cosine window edge width
     upsample: int = 10  #: sub-pixel peak refinement factor (0 = 3-point parabola)
+    coarse_to_fine: bool = True  #: search on 2×-binned overlaps, refine at full resolution (±4 px)
     anchor_weight: float = 1e-4  #: spring to the stage position, relative to a pair weight of 1
     max_residual: float = 2.0  #: pairs with a larger residual after the solve are dropped (worst first)
     suspicious_residual: float = 1.0
@@ -280,15 +279,27 @@ def tile_texture(tile: np.ndarray, block: int = 32, mask: np.ndarray | None = No
     ``tile``: (y, x); ``mask``: optional bool (y, x), blocks mostly outside it get contrast 0.
     """
     bin_size = 4
-    blocks = texture_map(tile, block=block, bin_size=bin_size)
-    if mask is not None:
-        m = np.asarray(mask, dtype=_F32)
-        h, w = m.shape
-        by, bx = blocks.shape
-        mp = np.pad(m, ((0, by * block - h), (0, bx * block - w)))
-        mfrac = mp.reshape(by, block, bx, block).mean(axis=(1, 3))
-        blocks = np.where(mfrac >= 0.5, blocks, 0.0).astype(_F32)
+    blocks = block_contrast(np.asarray(tile), bin_size, max(1, block // bin_size))  # one fused pass
+    if mask is not None:  # blocks less than half inside the mask have no usable contrast
+        blocks[~_blocks_inside(mask, block, blocks.shape)] = 0.0
     return TileTexture(blocks=blocks, noise=_binned_noise(tile, bin_size), block=block)
+
+
+_INSIDE_CACHE: dict = {}
+
+
+def _blocks_inside(mask: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
+    """:func:`kernels.block_inside` of a camera mask, cached: every tile of a run shares it."""
+    mask = np.asarray(mask, dtype=bool)
+    key = (id(mask), mask.shape, block, shape)
+    hit = _INSIDE_CACHE.get(key)
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    inside = block_inside(mask, block, shape[0], shape[1])
+    if len(_INSIDE_CACHE) > 16:
+        _INSIDE_CACHE.clear()
+    _INSIDE_CACHE[key] = (mask, inside)  # holding the mask keeps its id from being reused
+    return inside
 
 
 def _classify_texture(textures: list[TileTexture | None], params: MontageParams) -> tuple[float, list[bool]]:
@@ -406,54 +417,62 @@ def register_pair(
             res["texture_fraction"] = min(fa, fb)
             res["reason"] = "low_contrast"
             return res
-    win = tukey_window((h, w), p.taper)
-    an = normalize(ca, ma)
-    an *= win
-    bn = normalize(cb, mb)
-    bn *= win
-    pad = (int(min(math.ceil(ms), h)), int(min(math.ceil(ms), w)))
-    fft_shape = (sfft.next_fast_len(h + pad[0], real=True), sfft.next_fast_len(w + pad[1], real=True))
-    fa_ = sfft.rfft2(an, s=fft_shape, workers=1)
-    fb_ = sfft.rfft2(bn, s=fft_shape, workers=1)
-    r = np.conj(fa_, out=fa_)
-    r *= fb_
-    filt = spectral_filter(fft_shape, p.highpass_sigma, p.lowpass_sigma) if (p.highpass_sigma > 0 or p.lowpass_sigma > 0) else None
-    if p.whiten > 0:
-        # one real weight (band-pass / |cross power|^p) applied in a single complex pass
-        mag = np.abs(r)
-        mag += _F32(1e-6) * float(mag.max()) + _F32(1e-20)
-        if p.whiten != 1.0:
-            mag **= _F32(p.whiten)
-        if filt is not None:
-            np.divide(filt, mag, out=mag)
-        else:
-            np.reciprocal(mag, out=mag)
-        r *= mag
-    elif filt is not None:
-        r *= filt
-    surf = sfft.irfft2(r, s=fft_shape, workers=1)
-    iy, ix, peak, second = find_peaks(surf, (min(ms, h - 1), min(ms, w - 1)), exclude_radius=3)
-    iy, ix, peak, second = int(iy), int(ix), float(peak), float(second)
-    ratio = peak / second if second > 0 else float("inf")
+    an = normalize_windowed(ca, ma, p.taper)
+    bn = normalize_windowed(cb, mb, p.taper)
+    coarse = p.coarse_to_fine and ms > 2 * _FINE_RADIUS and min(h, w) >= 64
+    if coarse:
+        # search the whole range on 2×-binned crops (a quarter of the FFT area); the peak ratio is
+        # measured there.  Then re-crop at that offset and refine at full resolution with a small pad.
+        h2, w2 = h // 2, w // 2
+        ms2 = ms / 2.0
+        surf, _, _ = _phase_surface(_bin2(an, h2, w2), _bin2(bn, h2, w2), (int(min(math.ceil(ms2), h2)), int(min(math.ceil(ms2), w2))), p, 2.0)
+        iy, ix, peak, second = find_peaks(surf, (min(ms2, h2 - 1), min(ms2, w2 - 1)), exclude_radius=2)
+        iy, ix, peak, second = 2 * int(iy), 2 * int(ix), float(peak), float(second)
+        ratio = peak / second if second > 0 else float("inf")
+        cy, cx = oy - iy, ox - ix  # the coarse integer offset pos_b − pos_a
+        y0, y1, x0, x1, oy, ox = _overlap_box((0.0, 0.0), a.shape, (cy, cx), b.shape)
+        if y1 - y0 < p.min_overlap or x1 - x0 < p.min_overlap:
+            res["peak_ratio"], res["reason"] = ratio, "out_of_range"
+            return res
+        ca, cb = a[y0:y1, x0:x1], b[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        ma = None if valid_a is None else valid_a[y0:y1, x0:x1]
+        mb = None if valid_b is None else valid_b[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        an = normalize_windowed(ca, ma, p.taper)
+        bn = normalize_windowed(cb, mb, p.taper)
+        r_fine = _FINE_RADIUS
+        surf, r, fft_shape = _phase_surface(an, bn, (r_fine + 1, r_fine + 1), p, 1.0)
+        fy, fx, _, _ = find_peaks(surf, (r_fine, r_fine), exclude_radius=1)
+        fy, fx = int(fy), int(fx)
+        if max(abs(fy), abs(fx)) >= r_fine:  # the fine peak sits on its search edge: the coarse one was wrong
+            res["peak_ratio"], res["reason"] = min(ratio, 1.0), "weak_peak"
+            return res
+        iy_f, ix_f = fy, fx
+        iy, ix = iy + fy, ix + fx  # the whole shift, for the range test below
+    else:
+        pad = (int(min(math.ceil(ms), h)), int(min(math.ceil(ms), w)))
+        surf, r, fft_shape = _phase_surface(an, bn, pad, p, 1.0)
+        iy, ix, peak, second = find_peaks(surf, (min(ms, h - 1), min(ms, w - 1)), exclude_radius=3)
+        iy, ix, peak, second = int(iy), int(ix), float(peak), float(second)
+        ratio = peak / second if second > 0 else float("inf")
+        iy_f, ix_f = iy, ix
     res["peak_ratio"] = ratio
     if p.upsample and p.upsample > 1:
-        dy, dx, _ = upsampled_peak(r, fft_shape, (iy, ix), radius=1.0, upsample=p.upsample)
+        dy, dx, _ = upsampled_peak(r, fft_shape, (iy_f, ix_f), radius=1.0, upsample=p.upsample)
     else:
         c = surf
-        fy = _parabola(c[(iy - 1) % c.shape[0], ix % c.shape[1]], c[iy % c.shape[0], ix % c.shape[1]], c[(iy + 1) % c.shape[0], ix % c.shape[1]])
-        fx = _parabola(c[iy % c.shape[0], (ix - 1) % c.shape[1]], c[iy % c.shape[0], ix % c.shape[1]], c[iy % c.shape[0], (ix + 1) % c.shape[1]])
-        dy, dx = iy + fy, ix + fx
+        fy = _parabola(c[(iy_f - 1) % c.shape[0], ix_f % c.shape[1]], c[iy_f % c.shape[0], ix_f % c.shape[1]], c[(iy_f + 1) % c.shape[0], ix_f % c.shape[1]])
+        fx = _parabola(c[iy_f % c.shape[0], (ix_f - 1) % c.shape[1]], c[iy_f % c.shape[0], ix_f % c.shape[1]], c[iy_f % c.shape[0], (ix_f + 1) % c.shape[1]])
+        dy, dx = iy_f + fy, ix_f + fx
     # b(p) ≈ a(p − d) in the crop frame  ⇒  true offset = stage_int − d
     off = (oy - dy, ox - dx)
     res["offset"] = off
     # quality on the common region at the integer shift
-    ca2, cb2, m2 = _common_region(a, b, (int(round(off[0])), int(round(off[1]))), valid_a, valid_b)
-    if ca2 is None:
+    q = _overlap_ncc(a, b, (int(round(off[0])), int(round(off[1]))), valid_a, valid_b)
+    if q is None:
         res["reason"] = "out_of_range"
         return res
-    tf = float(m2.mean()) if m2 is not None else 1.0
+    res["ncc"], tf = q
     res["texture_fraction"] = tf
-    res["ncc"] = ncc(ca2, cb2, m2) if m2 is not None and m2.any() else ncc(ca2, cb2)
     max_stage = p.max_stage_error if p.max_stage_error is not None else ms
     if abs(iy) >= ms - 0.5 or abs(ix) >= ms - 0.5:
         res["reason"] = "out_of_range"
@@ -471,6 +490,49 @@ def register_pair(
     return res
 
 
+_FINE_RADIUS = 4  #: search radius (px) of the full-resolution refinement around the coarse peak
+
+
+def _bin2(a: np.ndarray, h2: int, w2: int) -> np.ndarray:
+    """2×2 mean of the first (2·h2, 2·w2) pixels of a float32 image."""
+    v = a[: 2 * h2, : 2 * w2].reshape(h2, 2, w2, 2)
+    out = v[:, 0, :, 0] + v[:, 0, :, 1]
+    out += v[:, 1, :, 0]
+    out += v[:, 1, :, 1]
+    out *= _F32(0.25)
+    return out
+
+
+def _phase_surface(an: np.ndarray, bn: np.ndarray, pad: tuple[int, int], p: MontageParams, scale: float):
+    """Band-passed, whitened cross-correlation of two normalised crops zero-padded by ``pad``.
+
+    ``scale``: pixel size of the crops in tile pixels (2 for 2×-binned crops: the band-pass sigmas
+    shrink with it).  Returns (surface, filtered cross-power spectrum, FFT shape).
+    """
+    h, w = an.shape
+    fft_shape = (sfft.next_fast_len(h + pad[0], real=True), sfft.next_fast_len(w + pad[1], real=True))
+    fa_ = sfft.rfft2(an, s=fft_shape, workers=1)
+    fb_ = sfft.rfft2(bn, s=fft_shape, workers=1)
+    r = np.conj(fa_, out=fa_)
+    r *= fb_
+    hp, lp = p.highpass_sigma / scale, p.lowpass_sigma / scale
+    filt = spectral_filter(fft_shape, hp, lp) if (hp > 0 or lp > 0) else None
+    if p.whiten > 0:
+        # one real weight (band-pass / |cross power|^p) applied in a single complex pass
+        mag = np.abs(r)
+        mag += _F32(1e-6) * float(mag.max()) + _F32(1e-20)
+        if p.whiten != 1.0:
+            mag **= _F32(p.whiten)
+        if filt is not None:
+            np.divide(filt, mag, out=mag)
+        else:
+            np.reciprocal(mag, out=mag)
+        r *= mag
+    elif filt is not None:
+        r *= filt
+    return sfft.irfft2(r, s=fft_shape, workers=1), r, fft_shape
+
+
 def _parabola(m: float, c: float, p_: float) -> float:
     den = m - 2 * c + p_
     if den >= 0:
@@ -478,23 +540,23 @@ def _parabola(m: float, c: float, p_: float) -> float:
     return float(np.clip(0.5 * (m - p_) / den, -0.5, 0.5))
 
 
-def _common_region(a, b, off, va=None, vb=None):
-    """Crops of a and b covering their common area for integer offset ``off`` = pos_b − pos_a."""
+def _overlap_ncc(a, b, off, va=None, vb=None) -> tuple[float, float] | None:
+    """(NCC, valid fraction) of tiles a and b over their common area at integer offset ``off`` =
+    pos_b − pos_a, on the pixels valid in both masks (all pixels when none is valid in both);
+    None when the common area is thinner than 4 px."""
     oy, ox = off
     y0, y1 = max(0, oy), min(a.shape[0], oy + b.shape[0])
     x0, x1 = max(0, ox), min(a.shape[1], ox + b.shape[1])
     if y1 - y0 < 4 or x1 - x0 < 4:
-        return None, None, None
+        return None
     ca = a[y0:y1, x0:x1]
     cb = b[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
-    m = None
-    if va is not None or vb is not None:
-        m = np.ones(ca.shape, dtype=bool)
-        if va is not None:
-            m &= va[y0:y1, x0:x1]
-        if vb is not None:
-            m &= vb[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
-    return ca, cb, m
+    ma = None if va is None else va[y0:y1, x0:x1]
+    mb = None if vb is None else vb[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+    r, n = ncc_masks(ca, cb, ma, mb)
+    if n == 0:
+        r, _ = ncc_masks(ca, cb)
+    return r, (n / ca.size if (ma is not None or mb is not None) else 1.0)
 
 
 # --------------------------------------------------------------------------- solve
@@ -766,12 +828,8 @@ def montage_section(
 
 
 def _pair_ncc(a, b, off, va, vb) -> float:
-    ca, cb, m = _common_region(a, b, (int(round(off[0])), int(round(off[1]))), va, vb)
-    if ca is None:
-        return math.nan
-    if m is not None and m.any():
-        return ncc(ca, cb, m)
-    return ncc(ca, cb)
+    q = _overlap_ncc(a, b, (int(round(off[0])), int(round(off[1]))), va, vb)
+    return math.nan if q is None else q[0]
 
 
 # --------------------------------------------------------------------------- render
@@ -886,21 +944,16 @@ def render_montage(
         # one fused pass per tile (pipeline_core.kernels): shift, weight and accumulate
         y0, y1, x0, x1 = accumulate_tile(a, fy, fx, iy, ix, wgt, num, den)
         by0, by1, bx0, bx1 = min(by0, y0), max(by1, y1), min(bx0, x0), max(bx1, x1)
-    # only the covered box needs normalising: elsewhere num = 0 → 0
+    # only the covered box needs normalising (one fused pass): elsewhere the output stays 0
+    out = np.zeros((H, W), dtype=out_dtype)
     if by1 > by0 and bx1 > bx0:
-        nb = num[by0:by1, bx0:bx1]
-        db = den[by0:by1, bx0:bx1]
-        np.maximum(db, _F32(1e-12), out=db)  # uncovered pixels: num = 0 → 0
-        nb /= db
+        mode, vmin, vmax = 0, 0.0, 0.0
         if np.issubdtype(out_dtype, np.integer):
             info = np.iinfo(out_dtype)
-            if info.min == 0:  # non-negative: truncation of x + 0.5 rounds
-                nb += _F32(0.5)
-                np.clip(nb, 0, info.max, out=nb)
-            else:
-                np.rint(nb, out=nb)
-                np.clip(nb, info.min, info.max, out=nb)
-    return num.astype(out_dtype, copy=True), (oy, ox)
+            # non-negative: truncation of x + 0.5 rounds; signed: rint
+            mode, vmin, vmax = (1 if info.min == 0 else 2), float(info.min), float(info.max)
+        finish_canvas(num, den, by0, by1, bx0, bx1, out, mode, vmin, vmax)
+    return out, (oy, ox)
 
 
 _TLS = threading.local()

@@ -1,7 +1,9 @@
 """Shared image-registration primitives for montage and alignment.
 
-Everything here is pure numpy / scipy.fft on float32 data, vectorised over a
-leading batch axis where that matters (block matching).
+Everything here is numpy / scipy.fft on float32 data, vectorised over a leading
+batch axis where that matters (block matching); single-image statistics that numpy
+would run as several passes (texture, NCC, windowed normalisation) are fused numba
+kernels (:mod:`pipeline_core.kernels`).
 
 Conventions
 -----------
@@ -22,6 +24,8 @@ from functools import lru_cache
 import numpy as np
 import scipy.fft as sfft
 
+from . import kernels
+
 __all__ = [
     "Peak",
     "tukey_window",
@@ -34,7 +38,9 @@ __all__ = [
     "upsampled_peak",
     "register_translation",
     "ncc",
+    "ncc_masks",
     "ncc_batch",
+    "normalize_windowed",
     "extract_blocks",
     "block_match",
 ]
@@ -80,6 +86,19 @@ def tukey_window(shape: tuple[int, int], taper: int | tuple[int, int]) -> np.nda
     return np.multiply.outer(_tukey_1d(int(shape[0]), int(ty)), _tukey_1d(int(shape[1]), int(tx)))
 
 
+def normalize_windowed(a: np.ndarray, mask: np.ndarray | None, taper: int | tuple[int, int]) -> np.ndarray:
+    """``normalize(a, mask) * tukey_window(a.shape, taper)`` for one (y, x) image, in one fused kernel."""
+    a = np.asarray(a)
+    ty, tx = (taper, taper) if np.isscalar(taper) else taper
+    out = np.empty(a.shape, dtype=_F32)
+    m = _NO_MASK if mask is None else np.asarray(mask, dtype=bool)
+    return kernels.normalize_windowed(a, m, mask is not None, _tukey_1d(a.shape[0], int(ty)),
+                                      _tukey_1d(a.shape[1], int(tx)), out)
+
+
+_NO_MASK = np.ones((1, 1), dtype=bool)  #: placeholder argument of the kernels when no mask is given
+
+
 def normalize(a: np.ndarray, mask: np.ndarray | None = None, axes: tuple[int, ...] = (-2, -1)) -> np.ndarray:
     """Zero-mean, unit-std float32 copy of ``a`` over ``axes`` (masked pixels set to 0).
 
@@ -102,16 +121,19 @@ def normalize(a: np.ndarray, mask: np.ndarray | None = None, axes: tuple[int, ..
     return out
 
 
-def texture_map(a: np.ndarray, block: int = 32, bin_size: int = 4) -> np.ndarray:
+def texture_map(a: np.ndarray, block: int = 32, bin_size: int = 4, *, fused: bool = True) -> np.ndarray:
     """Local texture (contrast) of an image, insensitive to pixel noise.
 
     The image is binned ``bin_size``×``bin_size`` (averaging out shot noise) and the
     std of the binned values is taken in blocks of ``block``×``block`` pixels.
     ``a``: (y, x) → float32 (ceil(y/block), ceil(x/block)).  Edge blocks use the
-    pixels that exist.  Units are those of ``a``.
+    pixels that exist.  Units are those of ``a``.  ``fused=False`` runs the numpy formulation
+    (the reference the one-pass kernel is tested against).
     """
     a = np.asarray(a)
     bin_size = max(1, min(bin_size, block))
+    if fused and a.dtype.kind in "uif":  # the fused kernel (one pass over the image)
+        return kernels.block_contrast(a, bin_size, max(1, block // bin_size))
     h, w = a.shape
     hb, wb = -(-h // bin_size), -(-w // bin_size)
     if (hb * bin_size, wb * bin_size) != (h, w):
@@ -431,7 +453,23 @@ def register_translation(
 
 def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     """Normalised cross-correlation (Pearson r) of two equally shaped arrays; 0 if either is flat."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim == 2 and a.shape == b.shape and a.dtype.kind in "uif" and b.dtype.kind in "uif":
+        r, _ = ncc_masks(a, b, mask)
+        return r
     return float(ncc_batch(np.asarray(a)[None], np.asarray(b)[None], None if mask is None else np.asarray(mask)[None])[0])
+
+
+def ncc_masks(a: np.ndarray, b: np.ndarray, mask_a: np.ndarray | None = None,
+              mask_b: np.ndarray | None = None) -> tuple[float, int]:
+    """(Pearson r over the pixels valid in both masks, their number) of two (y, x) images.
+
+    One fused kernel; r is 0 when either side is constant or no pixel is valid.
+    """
+    ma = _NO_MASK if mask_a is None else np.asarray(mask_a, dtype=bool)
+    mb = _NO_MASK if mask_b is None else np.asarray(mask_b, dtype=bool)
+    r, n = kernels.masked_ncc(np.asarray(a), np.asarray(b), ma, mb, mask_a is not None, mask_b is not None)
+    return float(r), int(n)
 
 
 def ncc_batch(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

@@ -291,3 +291,54 @@ def test_fused_render_matches_the_numpy_formulation(dtype):
     assert img8.dtype == np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
         assert np.abs(img8.astype(float) - ref).max() <= 0.5 + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_fused_statistics_match_numpy(dtype):
+    """The one-pass kernels (pipeline_core.kernels) behind the montage's texture mask, overlap NCC and
+    windowed normalisation give numpy's numbers: odd shapes (edge bins and blocks), masks, flat input."""
+    from pipeline_core import kernels
+    from pipeline_core.registration import (ncc_batch, ncc_masks, normalize, normalize_windowed, texture_map,
+                                            tukey_window)
+
+    rng = np.random.default_rng(5)
+    a = (rng.random((203, 150)) * 200).astype(dtype)
+    b = (a.astype(np.float64) * 0.5 + rng.random(a.shape) * 100).astype(dtype)
+    for block in (32, 20):
+        fused, ref = texture_map(a, block), texture_map(a, block, fused=False)
+        assert fused.shape == ref.shape and np.allclose(fused, ref, rtol=1e-4, atol=1e-3)
+    mask = rng.random(a.shape) > 0.3
+    mask[:40] = False
+    inside = kernels.block_inside(mask, 32, 7, 5)
+    mp = np.pad(mask, ((0, 7 * 32 - 203), (0, 5 * 32 - 150))).reshape(7, 32, 5, 32).mean(axis=(1, 3))
+    assert (inside == (mp >= 0.5)).all() and inside.any() and not inside.all()
+    mb = rng.random(a.shape) > 0.2
+    r, n = ncc_masks(a, b, mask, mb)
+    assert n == int((mask & mb).sum())
+    assert abs(r - float(ncc_batch(a[None], b[None], (mask & mb)[None])[0])) < 1e-5
+    assert abs(ncc(a, b) - float(ncc_batch(a[None], b[None])[0])) < 1e-5
+    assert ncc_masks(a, np.full_like(a, 7))[0] == 0.0 and ncc_masks(a, b, np.zeros_like(mask))[1] == 0
+    for m in (None, mask):
+        ref = normalize(a, m) * tukey_window(a.shape, (8, 5))
+        assert np.allclose(normalize_windowed(a, m, (8, 5)), ref, atol=1e-5)
+    assert not normalize_windowed(np.full((9, 9), 3, dtype), None, 2).any()
+
+
+def test_coarse_to_fine_registration_agrees_with_the_full_search(tiny):
+    """The 2×-binned search + full-resolution refinement finds what the full-resolution search finds
+    (to 0.05 px) for offsets far from the stage position, and rejects an overlap of pure noise."""
+    img = tiny.section_images[0].astype(np.float32)
+    rng = np.random.default_rng(2)
+    for d, err in (((3.4, 141.7), (9.0, -13.0)), ((150.25, -2.6), (-21.0, 17.5))):
+        b = ndi.shift(img, (-d[0], -d[1]), order=3)[0:200, 0:200]
+        a = img[0:200, 0:200]
+        stage = (d[0] + err[0], d[1] + err[1])
+        c2f = register_pair(a, b, stage, MontageParams(coarse_to_fine=True))
+        full = register_pair(a, b, stage, MontageParams(coarse_to_fine=False))
+        assert c2f["accepted"] and full["accepted"], (c2f, full)
+        assert np.abs(np.subtract(c2f["offset"], d)).max() < 0.1
+        assert np.abs(np.subtract(c2f["offset"], full["offset"])).max() < 0.05
+    noise_a = rng.normal(100, 10, (200, 200)).astype(np.float32)
+    noise_b = rng.normal(100, 10, (200, 200)).astype(np.float32)
+    r = register_pair(noise_a, noise_b, (0.0, 140.0), MontageParams(coarse_to_fine=True))
+    assert not r["accepted"] and r["reason"] in ("weak_peak", "low_ncc"), r
