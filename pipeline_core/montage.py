@@ -17,8 +17,11 @@ Pipeline for one section (:func:`montage_section`)
    contrast; a tile with < ``blank_fraction`` textured blocks is *blank*.
 2. neighbour pairs from the stage positions (:func:`find_pairs`) — no regular
    grid assumed; corner-only overlaps are skipped.
-3. each pair's overlap is registered by phase correlation with a band-pass,
-   sub-pixel peak by matrix-DFT upsampling (:func:`register_pair`); a pair is
+3. each pair's overlap is registered by phase correlation with a band-pass
+   (:func:`register_pair`), coarse to fine: the whole search range on the
+   2×-binned overlap (a quarter of the FFT area; the peak ratio is measured
+   there), then the overlap re-cropped at that offset and correlated at full
+   resolution within ±4 px, sub-pixel peak by matrix-DFT upsampling.  A pair is
    rejected for too little textured overlap, a weak peak (peak ratio), low NCC,
    a peak at the border of the search range, or disagreement with the stage.
 4. robust global least squares (:func:`solve_positions`): pair offsets plus a
