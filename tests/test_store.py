@@ -102,3 +102,24 @@ def test_killed_writer_never_leaves_a_complete_product(tmp_path):
     assert not p.exists()  # whole writes land by rename only
     with pytest.raises(InputError):
         store.open_level(p)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_integer_2x2_downsample_equals_the_rounded_mean(dtype):
+    """The section-local pyramid step (integer sums of strided slices) gives numpy's rint(mean) exactly,
+    ties to even included (sums ≡ 2 mod 4), so pyramid levels do not depend on the code path."""
+    from pipeline_core.store import _downsample
+
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(1)
+    for shape in ((3, 66, 90), (2, 33, 51)):  # odd sizes: the last row/column repeats (edge padding)
+        b = rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+        b[0, :2, :2] = [[1, 2], [2, 1]]  # sum 6: mean 1.5 → 2
+        b[0, :2, 2:4] = [[2, 2], [3, 3]]  # sum 10: mean 2.5 → 2
+        z, y, x = b.shape
+        e = np.pad(b, ((0, 0), (0, y % 2), (0, x % 2)), mode="edge").astype(np.float32)
+        ref = np.clip(np.rint(e.reshape(z, 1, e.shape[1] // 2, 2, e.shape[2] // 2, 2).mean(axis=(1, 3, 5))),
+                      info.min, info.max).astype(dtype)
+        out = _downsample(b, (1, 2, 2), "image")
+        assert out.dtype == np.dtype(dtype) and (out == ref).all()
+        assert out[0, 0, 0] == 2 and out[0, 0, 1] == 2

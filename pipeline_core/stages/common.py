@@ -197,7 +197,7 @@ class StageContext:
                 except Exception:
                     keep = False
             if not keep:
-                store.create_volume(path, tuple(shape), np.dtype(dtype), voxel_size, kind=kind, chunks=(1, 256, 256),
+                store.create_volume(path, tuple(shape), np.dtype(dtype), voxel_size, kind=kind, chunks=store.SECTION_CHUNKS,
                                     overwrite=True, provenance=provenance)
                 for z in range(shape[0]):
                     mk = self._marker(f"{marker}-{z}")

@@ -161,7 +161,7 @@ def run(ctx: StageContext) -> dict:
                 fresh = True
         if fresh:
             store.create_volume(out, (S, shape[0], shape[1]), data["tiles"].dtype, vs, kind="image",
-                                chunks=(1, 256, 256), overwrite=True,
+                                chunks=store.SECTION_CHUNKS, overwrite=True,
                                 provenance={"stage": "montage", "run": ctx.run_id, "input": str(src),
                                             "origin_yx": list(origin), "params": {k: v for k, v in ctx.params.items()}})
             for s in range(S):  # renders of a previous canvas are void
