@@ -446,8 +446,8 @@ def register_pair(
         surf, r, fft_shape = _phase_surface(an, bn, (r_fine + 1, r_fine + 1), p, 1.0)
         fy, fx, _, _ = find_peaks(surf, (r_fine, r_fine), exclude_radius=1)
         fy, fx = int(fy), int(fx)
-        if max(abs(fy), abs(fx)) >= r_fine:  # the fine peak sits on its search edge: the coarse one was wrong
-            res["peak_ratio"], res["reason"] = min(ratio, 1.0), "weak_peak"
+        if max(abs(fy), abs(fx)) >= r_fine:  # the fine peak sits on its search border: the coarse one was wrong
+            res["peak_ratio"], res["reason"] = ratio, "out_of_range"
             return res
         iy_f, ix_f = fy, fx
         iy, ix = iy + fy, ix + fx  # the whole shift, for the range test below
