@@ -60,13 +60,14 @@ from scipy import ndimage as ndi
 
 from .errors import InputError
 from .registration import (
+    _cross_power,
     find_peaks,
     ncc_masks,
     normalize_windowed,
-    spectral_filter,
+    texture_map,
     upsampled_peak,
 )
-from .kernels import accumulate_tile, block_contrast, block_inside, finish_canvas
+from .kernels import accumulate_tile, block_inside, finish_canvas
 
 __all__ = [
     "MontageParams",
@@ -276,33 +277,20 @@ def _binned_noise(a: np.ndarray, bin_size: int) -> float:
     return sigma / bin_size
 
 
-def tile_texture(tile: np.ndarray, block: int = 32, mask: np.ndarray | None = None) -> TileTexture:
+def tile_texture(tile: np.ndarray, block: int = 32, mask: np.ndarray | None = None, *,
+                 inside: np.ndarray | None = None) -> TileTexture:
     """Contrast per block and pixel-noise level of a tile (see :func:`texture_map`).
 
     ``tile``: (y, x); ``mask``: optional bool (y, x), blocks mostly outside it get contrast 0.
+    ``inside``: that block test of ``mask`` already computed (tiles sharing a camera mask).
     """
     bin_size = 4
-    blocks = block_contrast(np.asarray(tile), bin_size, max(1, block // bin_size))  # one fused pass
+    blocks = texture_map(tile, block=block, bin_size=bin_size)
     if mask is not None:  # blocks less than half inside the mask have no usable contrast
-        blocks[~_blocks_inside(mask, block, blocks.shape)] = 0.0
+        if inside is None:
+            inside = block_inside(np.asarray(mask, dtype=bool), block, *blocks.shape)
+        blocks[~inside] = 0.0
     return TileTexture(blocks=blocks, noise=_binned_noise(tile, bin_size), block=block)
-
-
-_INSIDE_CACHE: dict = {}
-
-
-def _blocks_inside(mask: np.ndarray, block: int, shape: tuple[int, int]) -> np.ndarray:
-    """:func:`kernels.block_inside` of a camera mask, cached: every tile of a run shares it."""
-    mask = np.asarray(mask, dtype=bool)
-    key = (id(mask), mask.shape, block, shape)
-    hit = _INSIDE_CACHE.get(key)
-    if hit is not None and hit[0] is mask:
-        return hit[1]
-    inside = block_inside(mask, block, shape[0], shape[1])
-    if len(_INSIDE_CACHE) > 16:
-        _INSIDE_CACHE.clear()
-    _INSIDE_CACHE[key] = (mask, inside)  # holding the mask keeps its id from being reused
-    return inside
 
 
 def _classify_texture(textures: list[TileTexture | None], params: MontageParams) -> tuple[float, list[bool]]:
@@ -514,25 +502,7 @@ def _phase_surface(an: np.ndarray, bn: np.ndarray, pad: tuple[int, int], p: Mont
     """
     h, w = an.shape
     fft_shape = (sfft.next_fast_len(h + pad[0], real=True), sfft.next_fast_len(w + pad[1], real=True))
-    fa_ = sfft.rfft2(an, s=fft_shape, workers=1)
-    fb_ = sfft.rfft2(bn, s=fft_shape, workers=1)
-    r = np.conj(fa_, out=fa_)
-    r *= fb_
-    hp, lp = p.highpass_sigma / scale, p.lowpass_sigma / scale
-    filt = spectral_filter(fft_shape, hp, lp) if (hp > 0 or lp > 0) else None
-    if p.whiten > 0:
-        # one real weight (band-pass / |cross power|^p) applied in a single complex pass
-        mag = np.abs(r)
-        mag += _F32(1e-6) * float(mag.max()) + _F32(1e-20)
-        if p.whiten != 1.0:
-            mag **= _F32(p.whiten)
-        if filt is not None:
-            np.divide(filt, mag, out=mag)
-        else:
-            np.reciprocal(mag, out=mag)
-        r *= mag
-    elif filt is not None:
-        r *= filt
+    r = _cross_power(an, bn, fft_shape, p.whiten, p.highpass_sigma / scale, p.lowpass_sigma / scale)
     return sfft.irfft2(r, s=fft_shape, workers=1), r, fft_shape
 
 
@@ -764,7 +734,14 @@ def montage_section(
     ref_shape = next((s for s in shapes if s is not None), (1, 1))
     shapes_filled = [s if s is not None else ref_shape for s in shapes]
     mk = _normalise_masks(masks, n, shapes)
-    textures = [None if t is None else tile_texture(t, p.texture_block, mk[k]) for k, t in enumerate(tl)]
+    inside: dict = {}  # the mask's block test, once per distinct mask (usually one camera mask for all tiles)
+    for k, t in enumerate(tl):
+        if t is not None and mk[k] is not None and id(mk[k]) not in inside:
+            nb = tuple(-(-s_ // p.texture_block) for s_ in t.shape)
+            inside[id(mk[k])] = block_inside(mk[k], p.texture_block, *nb)
+    textures = [None if t is None else tile_texture(t, p.texture_block, mk[k],
+                                                    inside=None if mk[k] is None else inside[id(mk[k])])
+                for k, t in enumerate(tl)]
     _, blank = _classify_texture(textures, p)
     status = ["missing" if t is None else ("blank" if blank[k] else "ok") for k, t in enumerate(tl)]
     usable = [s == "ok" for s in status]

@@ -207,17 +207,22 @@ def _cross_power(
 ) -> np.ndarray:
     fa = sfft.rfft2(a, s=fft_shape, workers=1)
     fb = sfft.rfft2(b, s=fft_shape, workers=1)
-    r = np.conj(fa)
+    r = np.conj(fa, out=fa)
     r *= fb
+    filt = spectral_filter(fft_shape, highpass_sigma, lowpass_sigma) if (highpass_sigma > 0 or lowpass_sigma > 0) else None
     if whiten > 0:
+        # one real weight (band-pass / |cross power|^p) applied in a single complex pass
         mag = np.abs(r)
         mag += _F32(1e-6) * mag.max(axis=(-2, -1), keepdims=True) + _F32(1e-20)
-        if whiten == 1.0:
-            r /= mag
+        if whiten != 1.0:
+            mag **= _F32(whiten)
+        if filt is not None:
+            np.divide(filt, mag, out=mag)
         else:
-            r /= mag**_F32(whiten)
-    if highpass_sigma > 0 or lowpass_sigma > 0:
-        r *= spectral_filter(fft_shape, highpass_sigma, lowpass_sigma)
+            np.reciprocal(mag, out=mag)
+        r *= mag
+    elif filt is not None:
+        r *= filt
     return r
 
 

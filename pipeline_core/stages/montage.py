@@ -53,6 +53,7 @@ PARAM_HELP = {
     "suspicious_seam": "QC: section suspicious above this seam score",
     "feather": "width of the blending ramp at tile edges (px)",
     "interpolation": "tile placement: linear (sub-pixel) or nearest",
+    "coarse_to_fine": "pair registration: search on 2x-binned overlaps, refine at full resolution (+-4 px)",
 }
 
 
