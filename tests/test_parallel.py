@@ -48,3 +48,43 @@ def test_a_busy_rank_does_not_hold_back_the_others(tmp_path):
     # while rank 0 computes one item, rank 1 takes several (an MPI one-sided counter on rank 0 made
     # rank 1 wait for rank 0 to finish each of its items, i.e. about half the items each)
     assert len(r1) >= 12 and len(r0) <= 6, (r0, r1)
+
+
+THREADS = r"""
+import json, os, sys
+import numpy  # loaded before the cap (as in the stages)
+from mpi4py import MPI
+from threadpoolctl import threadpool_info
+from pipeline_core.parallel import limit_native_threads
+comm = MPI.COMM_WORLD
+n = limit_native_threads(comm)
+import scipy.linalg  # loads scipy's own OpenBLAS after the cap
+blas = sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+got = comm.gather({"cap": n, "blas": blas}, root=0)
+if comm.rank == 0:
+    json.dump(got, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_co_located_ranks_split_the_cores_between_their_blas_threads(tmp_path, ranks):
+    """Each rank caps its BLAS pool at the allowed CPUs / ranks on the node (at least 1): OpenBLAS's
+    default of one busy-waiting thread per core in *every* rank made the montage's small matrix
+    products ~100x slower with 2 ranks on 2 cores."""
+    if not MPIEXEC.exists():
+        pytest.skip("mpiexec not installed next to the interpreter")
+    script, out = tmp_path / "threads.py", tmp_path / "threads.json"
+    script.write_text(THREADS)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    subprocess.run([str(MPIEXEC), "-n", str(ranks), sys.executable, str(script), str(out)], check=True, env=env,
+                   cwd=str(Path(__file__).resolve().parents[1]), timeout=120)
+    want = max(1, len(os.sched_getaffinity(0)) // ranks)
+    got = json.loads(out.read_text())
+    assert [g["cap"] for g in got] == [want] * ranks
+    assert all(g["blas"] == [want] for g in got), got  # numpy's and scipy's BLAS
+    # an explicit OMP_NUM_THREADS wins (an operator's setting in a job script; OpenBLAS never exceeds the CPUs)
+    other = 1 if want > 1 else 2
+    subprocess.run([str(MPIEXEC), "-n", str(ranks), sys.executable, str(script), str(out)], check=True,
+                   env=dict(env, OMP_NUM_THREADS=str(other)), cwd=str(Path(__file__).resolve().parents[1]), timeout=120)
+    got = json.loads(out.read_text())
+    assert all(g["cap"] == other and g["blas"] == [min(other, len(os.sched_getaffinity(0)))] for g in got), got

@@ -234,19 +234,10 @@ def configure_threads(comm=None, threads: int | None = None) -> int:
     Returns the thread count used. (Results do not depend on it: oneDNN's convolutions give
     bit-identical outputs for 1 and 2 threads and for any batch size, checked in tests.)
     """
-    import os
-
     if threads is None:
-        env = os.environ.get("OMP_NUM_THREADS", "")
-        if env.isdigit() and int(env) > 0:
-            threads = int(env)
-        else:
-            local = 1
-            if comm is not None and comm.Get_size() > 1:
-                from mpi4py import MPI
+        from ..parallel import threads_per_rank
 
-                local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
-            threads = max(1, (os.cpu_count() or 1) // local)
+        threads = threads_per_rank(comm)
     import tensorflow as tf
 
     try:

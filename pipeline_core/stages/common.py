@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..parallel import claim_indices, quiet_barrier
+from ..parallel import claim_indices, limit_native_threads, quiet_barrier
 from ..errors import EmloopError, InputError
 from ..project import Project
 from ..store import write_json_atomic
@@ -274,6 +274,7 @@ def stage_main(stage: str, run_fn: Callable[[StageContext], dict | None], defaul
     ap.add_argument("--run", required=True, type=int, help="run id in the project's catalog")
     args = ap.parse_args(argv)
     comm = _get_comm()
+    limit_native_threads(comm)  # co-located ranks must not oversubscribe the cores with BLAS threads
     rank = comm.Get_rank() if comm is not None else 0
     size = comm.Get_size() if comm is not None else 1
     project = None
