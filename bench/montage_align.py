@@ -225,15 +225,30 @@ def bench_mpi(data, reps: int = 3) -> dict:
     return out
 
 
-def bench_mpi_montage_large(n_sections: int, grid: tuple[int, int], reps: int = 3) -> dict:
+def _repeat_sections(data, k: int):
+    """``data`` with its sections repeated ``k`` times along z (same montage work per section; generating
+    new sections is the slowest part of this bench)."""
+    import dataclasses
+
+    if k == 1:
+        return data
+    Z = data.tiles.shape[0]
+    rep = {f.name: np.concatenate([getattr(data, f.name)] * k) for f in dataclasses.fields(data)
+           if isinstance(getattr(data, f.name), np.ndarray) and getattr(data, f.name).shape[:1] == (Z,)}
+    return dataclasses.replace(data, **rep)
+
+
+def bench_mpi_montage_large(n_sections: int, grid: tuple[int, int], reps: int = 3, repeat: int = 1) -> dict:
     """1 vs 2 ranks of the montage stage on sections of ``grid`` tiles (closer to a real montage job than the
     2x2-tile demo, whose few seconds of work are dominated by process start-up)."""
     t = time.perf_counter()
     data = synth.generate("demo", seed=1, n_sections=n_sections, grid=grid)
     gen = time.perf_counter() - t
+    data = _repeat_sections(data, repeat)
     proj, tmp = _project(data)
     Z, T, th, tw = data.tiles.shape
-    out = {"data": f"synthetic demo project, {Z} sections of {T} tiles {th}x{tw} ({grid[0]}x{grid[1]})",
+    out = {"data": f"synthetic demo project, {Z} sections of {T} tiles {th}x{tw} ({grid[0]}x{grid[1]})"
+                   + (f"; {n_sections} generated sections, each {repeat} times" if repeat > 1 else ""),
            "generation_s": round(gen, 1)}
     out["runs"], _, out["identical_for_1_and_2_ranks"] = _one_and_two_ranks(proj, "montage", reps)
     out.update(_efficiencies(*out["runs"], Z * T * th * tw / 1e6))
@@ -249,8 +264,10 @@ def main() -> None:
                          "enough work that process start-up and the serial finalisation are amortised)")
     ap.add_argument("--no-mpi", action="store_true", help="skip the 1 vs 2 rank stage runs (the JSON keeps the last ones, marked)")
     ap.add_argument("--large-grid", default="6x6", help="tiles per section (YxX) of the larger montage 1 vs 2 rank "
-                                                         "run (default 6x6: ~20 s of work for 1 rank, so the ~1.5 s "
-                                                         "start-up of each process weighs as in a real job; 'none' skips it)")
+                                                         "run (default 6x6; 'none' skips it)")
+    ap.add_argument("--large-repeat", type=int, default=2,
+                    help="the larger montage job holds the --mpi-sections generated sections this many times "
+                         "(default 2: a ~30 s job for 1 rank, where start-up weighs as in longer real jobs)")
     ap.add_argument("--reps", type=int, default=3, help="1 vs 2 rank runs alternated this many times, the fastest of "
                                                        "each kept (default 3; the alignment stage runs reps-1 times)")
     args = ap.parse_args()
@@ -282,7 +299,8 @@ def main() -> None:
     if not args.no_mpi:
         res["mpi"] = bench_mpi(data, args.reps)
         if large is not None:
-            res["mpi"]["montage_large"] = bench_mpi_montage_large(args.mpi_sections, large, args.reps)
+            res["mpi"]["montage_large"] = bench_mpi_montage_large(args.mpi_sections, large, args.reps,
+                                                                  max(1, args.large_repeat))
     out = ROOT / "bench" / "results" / "montage_align.json"
     if args.no_mpi and out.exists():  # keep the last 1 vs 2 rank figures, saying when they were taken
         old = json.loads(out.read_text())

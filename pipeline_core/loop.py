@@ -39,6 +39,7 @@ from scipy import ndimage as ndi
 from . import store
 from .catalog import Flag, Product, TrainingSet
 from .errors import GateError, InputError
+from .ffn.data import UNKNOWN_LABEL
 from .project import Project
 
 SCRIPT_AUTHOR = "scripted-proofreader"
@@ -377,6 +378,7 @@ def build_training_set(project: Project, product_id: int, *, user: str, context=
         raise InputError(f"segmentation {root}: no aligned image product found for it")
     cfg = _model_cfg_for(project, cur, model_id)
     half = region_half(cfg, context)
+    pad = tuple(f // 2 + d for f, d in zip(cfg.fov, cfg.deltas))  # half a training window
     shape = tuple(cur.shape)
     flags = [f for f in lineage_flags(project, root) if f.status != "dismissed"]
     if flag_ids is not None:
@@ -421,9 +423,15 @@ def build_training_set(project: Project, product_id: int, *, user: str, context=
             excluded.append(f.id)
             continue
         k = len(regions)
-        arrays[f"image_{k}"] = np.asarray(image[box])
-        arrays[f"labels_{k}"] = lab.astype(np.uint64)
+        # real image context around the region (a training window's half on every side, inside the volume)
+        # whose labels are UNKNOWN_LABEL: seen by the network, left out of the loss, never a centre
+        cbox = tuple(slice(max(0, s.start - w), min(n, s.stop + w)) for s, w, n in zip(box, pad, shape))
+        full = np.full(tuple(s.stop - s.start for s in cbox), UNKNOWN_LABEL, dtype=np.uint64)
+        full[tuple(slice(s.start - c.start, s.stop - c.start) for s, c in zip(box, cbox))] = lab
+        arrays[f"image_{k}"] = np.asarray(image[cbox])
+        arrays[f"labels_{k}"] = full
         regions.append({"flag_id": f.id, "kind": f.kind, "zyx": list(zyx), "box": [[s.start, s.stop] for s in box],
+                        "context_box": [[s.start, s.stop] for s in cbox],
                         "segment_ids": sorted(int(i) for i in ids),
                         "edit_ids": sorted(e.id for e in my_edits)})
         used_flags.append(f.id)
@@ -444,7 +452,8 @@ def build_training_set(project: Project, product_id: int, *, user: str, context=
         meta={"labels_scope": labels_scope, "region_half": list(half), "fov": list(cfg.fov),
               "weighting": "regions containing an open (unresolved) flag are excluded; "
                            + ("only reviewed objects are labelled, other voxels 0"
-                              if labels_scope == "reviewed" else "the whole corrected segmentation is used"),
+                              if labels_scope == "reviewed" else "the whole corrected segmentation is used")
+                           + "; the image context around each region is unlabelled (no loss)",
               "voxel_size": list(cur.voxel_size)}, user=user)
 
 
@@ -461,7 +470,8 @@ def load_training_set(project: Project, ts_id: int) -> tuple[TrainingSet, list[t
 
 
 def mosaic(pairs: Sequence[tuple[np.ndarray, np.ndarray]], half) -> tuple[np.ndarray, np.ndarray]:
-    """Regions side by side along y as one volume: each padded by ``half`` (image mirrored, labels 0).
+    """Regions side by side along y as one volume: each padded by ``half`` (image mirrored, labels
+    :data:`~pipeline_core.ffn.data.UNKNOWN_LABEL`: no loss there, so the mirror teaches nothing).
 
     Every labelled voxel's training window then stays inside its own region's padding.
     """
@@ -470,14 +480,15 @@ def mosaic(pairs: Sequence[tuple[np.ndarray, np.ndarray]], half) -> tuple[np.nda
     for img, lab in pairs:
         pad = [(v, v) for v in h]
         mode = "reflect" if all(s > v for s, v in zip(img.shape, h)) else "symmetric"
-        tiles.append((np.pad(img, pad, mode=mode), np.pad(lab, pad, mode="constant")))
+        tiles.append((np.pad(img, pad, mode=mode),
+                      np.pad(lab.astype(np.uint64), pad, mode="constant", constant_values=UNKNOWN_LABEL)))
     zmax = max(t[0].shape[0] for t in tiles)
     xmax = max(t[0].shape[2] for t in tiles)
     out_i, out_l = [], []
     for im, lb in tiles:
         pz, px = zmax - im.shape[0], xmax - im.shape[2]
         out_i.append(np.pad(im, [(0, pz), (0, 0), (0, px)], mode="symmetric"))
-        out_l.append(np.pad(lb, [(0, pz), (0, 0), (0, px)], mode="constant"))
+        out_l.append(np.pad(lb, [(0, pz), (0, 0), (0, px)], mode="constant", constant_values=UNKNOWN_LABEL))
     return np.concatenate(out_i, axis=1), np.concatenate(out_l, axis=1)
 
 

@@ -108,6 +108,32 @@ def test_boundary_targets_follow_the_augmented_window():
     assert data.ExampleSource(img, lab, cfg, ignore_labels=(), permute_axes=(0, 1, 2)).draw(rng).boundary is None
 
 
+def test_unknown_voxels_are_never_centres_and_have_no_target():
+    """uint64 labels with the reserved UNKNOWN_LABEL (a training region's context): no centre there, and the
+    target is NaN exactly on those voxels in every augmented window (the image encodes the labels)."""
+    cfg = model.preset("tiny", image_mean=0.0, image_std=1.0)
+    lab = np.ones((20, 24, 24), np.uint64)
+    lab[:, :, 12:] = 2
+    lab[:, :6, :] = data.UNKNOWN_LABEL
+    img = np.where(lab == data.UNKNOWN_LABEL, 50.0, lab.astype(np.float32) * 10)
+    src = data.ExampleSource(img, lab, cfg, ignore_labels=(0,), permute_axes=(0, 1, 2))
+    assert data.unknown_mask(lab.astype(np.uint32)) is None          # only uint64 labels hold the reserved id
+    rng = np.random.default_rng(3)
+    saw_unknown = False
+    for _ in range(20):
+        ex = src.draw(rng)
+        c = ex.next_center()
+        x, y = ex.inputs(c)
+        centre = tuple(r for r in cfg.radius)
+        assert x[centre + (0,)] != 50.0                                 # never centred on an unknown voxel
+        unknown = x[..., 0] == 50.0
+        assert np.array_equal(np.isnan(y[..., 0]), unknown)
+        saw_unknown |= bool(unknown.any())
+        same = x[..., 0] == x[centre + (0,)]
+        assert np.array_equal(same[~unknown], y[..., 0][~unknown] > 0.5)
+    assert saw_unknown
+
+
 def test_training_window_larger_than_volume_is_an_error():
     cfg = model.preset("demo")
     with pytest.raises(InputError, match="training window"):

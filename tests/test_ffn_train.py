@@ -96,6 +96,55 @@ def test_aux_boundary_loss_trains_resumes_and_leaves_the_network_alone(tmp_path)
         train.TrainParams(aux_boundary_weight=-1)
 
 
+def test_anchor_weight_keeps_a_fine_tuned_child_near_its_parent_and_resumes_exactly(tmp_path):
+    """L2-SP fine-tuning: ``anchor_weight`` adds anchor_weight * (w - w_parent) to every gradient, so the child
+    drifts less from the parent than without it; the anchor is the parent (not the checkpoint a run resumes
+    from), so an interrupted run ends where the straight one does."""
+    img, lab, vs = _volume()
+    cfg = model.preset("tiny", voxel_size=vs, image_mean=float(img.mean()), image_std=float(img.std()))
+    parent = model.build_model(cfg, seed=5).get_weights()
+    kw = dict(batch_size=2, checkpoint_every=4, log_every=1, warmup_steps=0, learning_rate=1e-2, lr_scaling="none")
+
+    def drift(d):
+        m, _ = train.load_model(d)
+        return float(np.sqrt(sum(((u - v) ** 2).sum() for u, v in zip(m.get_weights(), parent))))
+
+    train.train(cfg, [(img, lab)], tmp_path / "free", train.TrainParams(steps=12, **kw), init_weights=parent)
+    train.train(cfg, [(img, lab)], tmp_path / "anch", train.TrainParams(steps=12, anchor_weight=10.0, **kw),
+                init_weights=parent)
+    free, anch = drift(tmp_path / "free"), drift(tmp_path / "anch")
+    assert 0 < anch < 0.5 * free, (anch, free)
+    train.train(cfg, [(img, lab)], tmp_path / "res", train.TrainParams(steps=4, anchor_weight=10.0, **kw),
+                init_weights=parent)
+    train.train(cfg, [(img, lab)], tmp_path / "res", train.TrainParams(steps=12, anchor_weight=10.0, **kw),
+                init_weights=parent)
+    m_a, _ = train.load_model(tmp_path / "anch")
+    m_r, _ = train.load_model(tmp_path / "res")
+    for u, v in zip(m_a.get_weights(), m_r.get_weights()):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="anchor_weight"):
+        train.TrainParams(anchor_weight=-1)
+    with pytest.raises(InputError, match="anchor_weight.*parent"):
+        train.train(cfg, [(img, lab)], tmp_path / "none", train.TrainParams(steps=1, anchor_weight=1.0))
+
+
+def test_unknown_context_voxels_train_without_nans(tmp_path):
+    """A volume whose outer voxels carry UNKNOWN_LABEL (a reviewed region's context): NaN targets are left out
+    of the loss, so the loss and the weights stay finite."""
+    from pipeline_core.ffn.data import UNKNOWN_LABEL
+
+    img, lab, vs = _volume()
+    lab = lab.astype(np.uint64)
+    lab[:, :8, :] = UNKNOWN_LABEL
+    lab[:, :, -8:] = UNKNOWN_LABEL
+    cfg = model.preset("tiny", voxel_size=vs, image_mean=float(img.mean()), image_std=float(img.std()))
+    r = train.train(cfg, [(img, lab)], tmp_path / "m", train.TrainParams(steps=4, batch_size=2, log_every=1,
+                                                                         warmup_steps=0))
+    assert np.isfinite(r["final_loss"])
+    m, _ = train.load_model(tmp_path / "m")
+    assert all(np.isfinite(w).all() for w in m.get_weights())
+
+
 MPI_SCRIPT = r"""
 import sys, json
 from mpi4py import MPI
@@ -137,6 +186,7 @@ def test_train_stage_parameters_reach_train_params():
 
     p = _train_params({**DEFAULTS, "lr_schedule": "cosine"}, (10.0, 10.0, 10.0))
     assert p.lr_schedule == "cosine" and p.permute_axes == (0, 1, 2)
+    assert _train_params({**DEFAULTS, "anchor_weight": 0.5}, (10.0, 10.0, 10.0)).anchor_weight == 0.5
     assert _train_params(dict(DEFAULTS), (40.0, 8.0, 8.0)).permute_axes == (1, 2)   # no z permutation: anisotropic
     with pytest.raises(InputError, match="lr_schedule"):
         _train_params({**DEFAULTS, "lr_schedule": "linear-decay"}, (10.0, 10.0, 10.0))

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pipeline_core import loop, store, synth
+from pipeline_core.ffn.data import UNKNOWN_LABEL
 from pipeline_core.catalog import Catalog
 from pipeline_core.errors import InputError
 from pipeline_core.ffn.reconcile import plan_subvolumes
@@ -80,7 +81,8 @@ def test_mix_counts_and_mosaic():
              (np.full((4, 12, 9), 9, np.uint8), np.full((4, 12, 9), 2, np.uint64))]
     img, lab = loop.mosaic(pairs, (1, 2, 2))
     assert img.shape == lab.shape == (7, 14 + 16, 14)
-    assert int((lab == 1).sum()) == 500 and int((lab == 2).sum()) == 4 * 12 * 9   # labels intact, padding 0
+    assert int((lab == 1).sum()) == 500 and int((lab == 2).sum()) == 4 * 12 * 9   # labels intact
+    assert set(np.unique(lab).tolist()) == {1, 2, int(UNKNOWN_LABEL)}  # padding: unknown (no loss), not "other"
 
 
 def test_flagged_subvolumes_and_reconcile_into_old():
@@ -229,6 +231,12 @@ def test_training_set_is_versioned_and_traceable(looped):
     assert "open (unresolved) flag are excluded" in ts.meta["weighting"]
     _, pairs = loop.load_training_set(proj, ts.id)
     assert len(pairs) == len(ts.regions) and all(im.shape == lb.shape for im, lb in pairs)
+    for r, (im, lb) in zip(ts.regions, pairs):   # the region's labels inside real image context of unknown labels
+        inner = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(r["box"], r["context_box"]))
+        assert im.shape == tuple(b - a for a, b in r["context_box"]) and not (lb[inner] == UNKNOWN_LABEL).any()
+        outside = np.ones(lb.shape, bool)
+        outside[inner] = False
+        assert outside.any() and (lb[outside] == UNKNOWN_LABEL).all()
     child = proj.catalog.model(looped["child"])
     assert child.parent_id == looped["parent"] and child.training_data["training_set"] == ts.id
     assert child.training_data["flag_ids"] == ts.flag_ids and child.training_data["edit_ids"] == ts.edit_ids

@@ -8,7 +8,9 @@ same ~45 locations. Partitions below 1 % of the usable voxels are now pooled wit
 
 All arrays are (z, y, x). ``labels`` are integer object ids; ids listed in ``ignore_labels``
 (e.g. 0 = boundary/background) are never used as training centres and count as "not the object"
-in the targets.
+in the targets. In uint64 labels the reserved id :data:`UNKNOWN_LABEL` marks voxels whose object
+is not known (the context around a reviewed training region, padding): never a centre, and their
+targets are NaN, which the trainer leaves out of the loss.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ LOF_THRESHOLDS = (0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.
 
 #: soft targets: probability for "same object as the centre" / "anything else"
 TARGET_POS, TARGET_NEG = 0.95, 0.05
+
+#: reserved uint64 label id: object unknown here (no loss, never a centre)
+UNKNOWN_LABEL = np.uint64(np.iinfo(np.uint64).max)
+
+
+def unknown_mask(labels: np.ndarray) -> np.ndarray | None:
+    """Bool mask of :data:`UNKNOWN_LABEL` voxels, or None when there are none (only uint64 labels hold it)."""
+    if labels.dtype != np.uint64:
+        return None
+    m = labels == UNKNOWN_LABEL
+    return m if m.any() else None
 
 
 def image_stats(image: np.ndarray) -> tuple[float, float]:
@@ -219,6 +232,9 @@ class ExampleSource:
         self.cfg = cfg
         self.image = normalize(image, cfg)
         self.labels = labels
+        self.unknown = unknown_mask(labels)
+        if self.unknown is not None:
+            ignore_labels = tuple(ignore_labels) + (UNKNOWN_LABEL,)
         self.boundary = boundary_map(labels, ignore_labels) if boundary_targets else None
         self.window = tuple(f + 2 * d for f, d in zip(cfg.fov, cfg.deltas))
         self.half = tuple(w // 2 for w in self.window)
@@ -244,14 +260,20 @@ class ExampleSource:
             for a, b in zip(g, shuffled):
                 perm[a] = b
         bnd = self.boundary[sl] if self.boundary is not None else None
+        unk = self.unknown[sl].transpose(perm) if self.unknown is not None else None
         img, obj = img.transpose(perm), obj.transpose(perm)
         flips = tuple(a for a in range(3) if rng.random() < 0.5)
         if flips:
             img, obj = np.flip(img, flips), np.flip(obj, flips)
+            unk = np.flip(unk, flips) if unk is not None else None
         target = np.where(obj, np.float32(TARGET_POS), np.float32(TARGET_NEG)).astype(np.float32)
+        if unk is not None:
+            target[unk] = np.nan
         if bnd is not None:
             bnd = bnd.transpose(perm)
             if flips:
                 bnd = np.flip(bnd, flips)
             bnd = np.where(bnd, np.float32(TARGET_POS), np.float32(TARGET_NEG)).astype(np.float32)
+            if unk is not None:
+                bnd[unk] = np.nan
         return TrainingExample(np.ascontiguousarray(img), target, self.cfg, self.move_threshold, boundary=bnd)

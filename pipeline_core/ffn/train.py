@@ -58,6 +58,9 @@ class TrainParams:
     move_threshold: FOV move threshold (probability) during training.
     permute_axes: axes augmentation may permute ((1, 2) anisotropic, (0, 1, 2) isotropic).
     ignore_labels: label ids never used as centres (count as "not the object").
+    anchor_weight: L2-SP fine-tuning (Li et al. 2018): every step adds ``anchor_weight * (w - w0)``
+    to the gradient, w0 = the initial (parent) weights, i.e. the penalty
+    ``anchor_weight / 2 * |w - w0|^2`` keeps the child near its parent; 0 = off; needs init weights.
     """
 
     steps: int = 1000
@@ -74,6 +77,7 @@ class TrainParams:
     permute_axes: tuple = (1, 2)
     ignore_labels: tuple = (0,)
     aux_boundary_weight: float = 0.0
+    anchor_weight: float = 0.0
 
     def __post_init__(self):
         if self.lr_scaling not in LR_SCALINGS:
@@ -91,6 +95,9 @@ class TrainParams:
         if not float(self.aux_boundary_weight) >= 0:
             raise InputError(f"training parameter aux_boundary_weight={self.aux_boundary_weight}: must be >= 0")
         self.aux_boundary_weight = float(self.aux_boundary_weight)
+        if not float(self.anchor_weight) >= 0:
+            raise InputError(f"training parameter anchor_weight={self.anchor_weight}: must be >= 0")
+        self.anchor_weight = float(self.anchor_weight)
         self.permute_axes = tuple(int(a) for a in self.permute_axes)
         self.ignore_labels = tuple(int(a) for a in self.ignore_labels)
 
@@ -194,6 +201,13 @@ class _Trainer:
         spec_x = tf.TensorSpec((None,) + fov + (2,), tf.float32)
         spec_y = tf.TensorSpec((None,) + fov + (1,), tf.float32)
 
+        def _masked_ce(y, logits):
+            """Mean sigmoid cross-entropy over the voxels with a known target (NaN = unknown: no loss)."""
+            known = tf.math.is_finite(y)
+            ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.where(known, y, 0.0), logits=logits)
+            w = tf.cast(known, tf.float32)
+            return tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(w), 1.0)
+
         def _flat(grads, loss):
             return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads] + [tf.reshape(loss, [1])], 0)
 
@@ -204,8 +218,8 @@ class _Trainer:
             def grad_step(x, y, b):
                 with tf.GradientTape() as tape:
                     logits, blog = train_model(x, training=True)
-                    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
-                    aux = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=b, logits=tf.cast(blog, tf.float32)))
+                    loss = _masked_ce(y, logits)
+                    aux = _masked_ce(b, tf.cast(blog, tf.float32))
                     total = loss + w_aux * aux
                 return _flat(tape.gradient(total, vars_), loss), logits
         else:
@@ -213,7 +227,7 @@ class _Trainer:
             def grad_step(x, y):
                 with tf.GradientTape() as tape:
                     logits = model(x, training=True)
-                    loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits))
+                    loss = _masked_ce(y, logits)
                 return _flat(tape.gradient(loss, vars_), loss), logits
 
         sizes, shapes = self.sizes, self.shapes
@@ -225,6 +239,13 @@ class _Trainer:
             return tf.constant(0)
 
         self.grad_step, self.apply = grad_step, apply
+        self.anchor = None  # flat float32 initial weights of the model's trainable variables (L2-SP)
+
+    def set_anchor(self, weights: list) -> None:
+        """Anchor the L2-SP penalty at ``weights`` (a get_weights()-ordered list, e.g. the parent's)."""
+        pos = {id(v): i for i, v in enumerate(self.model.weights)}
+        self.anchor = np.concatenate([np.asarray(weights[pos[id(v)]], np.float32).ravel()
+                                      for v in self.model.trainable_variables])
 
     # -- state io ---------------------------------------------------------------------------
     def broadcast_weights(self):
@@ -281,6 +302,9 @@ class _Trainer:
 
             self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
             buf /= np.float32(self.size)
+        if self.anchor is not None and self.params.anchor_weight > 0:
+            w = np.concatenate([np.asarray(v.numpy(), np.float32).ravel() for v in self.model.trainable_variables])
+            buf[:w.size] += np.float32(self.params.anchor_weight) * (w - self.anchor)
         self.opt.learning_rate.assign(lr)
         self.apply(buf[:-1])
         return float(buf[-1]), logits.numpy()
@@ -323,7 +347,14 @@ def train(cfg: FFNConfig, volumes, model_dir, params: TrainParams | None = None,
         _atomic_json(cfg_path, meta)
     quiet_barrier(comm)
 
+    if params.anchor_weight > 0 and init_weights is None:
+        raise InputError(f"training parameter anchor_weight={params.anchor_weight}: needs a parent model (--from-model)")
     tr = _Trainer(cfg, params, comm)
+    if params.anchor_weight > 0:
+        try:
+            tr.set_anchor(init_weights)
+        except (KeyError, IndexError, ValueError) as e:
+            raise InputError(f"{model_dir}: initial (parent) weights do not fit the network config ({e})") from e
     ck = latest_checkpoint(model_dir)
     start = tr.restore(model_dir / ck["file"]) if ck else 0
     if not ck:

@@ -47,6 +47,7 @@ DEFAULTS: dict = {
     "training_set": 0,
     "mix_original": 0.5,
     "aux_boundary_weight": 0.0,
+    "anchor_weight": 0.0,
 }
 
 PARAM_HELP = {
@@ -64,6 +65,7 @@ PARAM_HELP = {
     "aux_boundary_weight": "weight of an auxiliary boundary loss in training (0 = off; the segmenting network is unchanged)",
     "training_set": "fine-tune on this TrainingSet (id; 0 = none): regions around reviewed flags; needs --from-model",
     "mix_original": "with a training set: fraction of examples drawn from the original aligned + labels inputs",
+    "anchor_weight": "fine-tuning: L2-SP pull of the weights toward the parent's (gradient += weight * (w - w_parent); 0 = off)",
 }
 
 
@@ -78,7 +80,7 @@ def _train_params(p: dict, vs: tuple):
         lr_schedule=str(p.get("lr_schedule", "constant")),
         checkpoint_every=int(p["checkpoint_every"]), seed=int(p["seed"]), move_threshold=float(p["move_threshold"]),
         permute_axes=(0, 1, 2) if isotropic else (1, 2), ignore_labels=tuple(int(v) for v in p["ignore_labels"]),
-        aux_boundary_weight=float(p.get("aux_boundary_weight", 0.0)))
+        aux_boundary_weight=float(p.get("aux_boundary_weight", 0.0)), anchor_weight=float(p.get("anchor_weight", 0.0)))
 
 
 def _existing_model(ctx: StageContext):
