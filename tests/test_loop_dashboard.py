@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline_core import loop, store, synth
+from pipeline_core.ffn.data import UNKNOWN_LABEL
 from pipeline_core.ingest import ingest_stack
 from pipeline_core.project import Project
 
@@ -94,12 +95,13 @@ def test_send_to_training_builds_a_training_set_and_submits_the_fine_tuning(worl
     run = world.proj.catalog.run(res["run_id"])
     assert run.stage == "train" and run.model_id == world.model
     assert run.params["training_set"] == ts.id and run.params["mix_original"] == 0.5 and run.params["steps"] == 20
+    assert run.params["anchor_weight"] == LA.FINETUNE_ANCHOR > 0                 # L2-SP toward the parent
     assert {world.img, world.lab} <= set(run.input_product_ids)
     assert submits[-1]["run_id"] == run.id and submits[-1]["profile"] == "local"
     # the training set's labels are the corrected segmentation, reviewed objects only
     _, pairs = loop.load_training_set(world.proj, ts.id)
     for (im, lb), r in zip(pairs, ts.regions):
-        assert set(np.unique(lb).tolist()) - {0} <= set(r["segment_ids"])
+        assert set(np.unique(lb).tolist()) - {0, int(UNKNOWN_LABEL)} <= set(r["segment_ids"])  # + unknown context
     events = [e.action for e in world.proj.catalog.audit()]
     assert "training_request" in events and "training_set_add" in events
 
