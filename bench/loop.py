@@ -46,15 +46,16 @@ CONFIG = {
     # network's training window is 9 sections deep
     "synthetic": dict(parent_steps=1500, child_steps=400, batch_size=4, lr_scaling="none", core_size=[8, 96, 96],
                       holdout_z=0, min_size=1000, min_overlap=100, merges=3, splits=3, eval_min_size=1000, min_seg=50,
-                      child_lr=1e-3, anchor_weight=10.0, mix=0.5, max_evals=300, preset="demo", n_sections=16, seed=0),
+                      child_lr=1e-3, anchor_weight=None, mix=0.5, max_evals=300, preset="demo", n_sections=16, seed=0),
     # held-out block: the FFN bench's (z 100-149, y,x 50-199: 25 neurons >= 1000 voxels). The earlier one (the last
     # 24 sections of the crop) held 6-7 neurons, too few: its VI moved by +-0.2 between training seeds
     # (bench/results/loop_seeds_small_holdout.json)
-    # child: lr 1e-3 (the parent's rate) with the L2-SP anchor 10 toward the parent; on one FlyEM parent/flag set
+    # child: lr 1e-3 (the parent's rate) with the L2-SP anchor toward the parent (anchor_weight None = the product's
+    # default, pipeline_core.loop.FINETUNE_ANCHOR_WEIGHT = 10); on one FlyEM parent/flag set
     # (2026-11-27) held-out VI parent 4.54 -> child 4.55 (lr 3e-4, no anchor: 4.66; both with the unknown-label
     # context of the training regions, 5.14 before it)
     "flyem": dict(parent_steps=1500, child_steps=400, batch_size=4, lr_scaling="none", mix=0.5, core_size=[48, 64, 64],
-                  holdout_z=0, child_lr=1e-3, anchor_weight=10.0, held_out_box=(slice(100, 150), slice(50, 200), slice(50, 200)),
+                  holdout_z=0, child_lr=1e-3, anchor_weight=None, held_out_box=(slice(100, 150), slice(50, 200), slice(50, 200)),
                   crop=(slice(0, 72), slice(0, 128), slice(0, 128)), min_size=1000, min_overlap=100, merges=3,
                   splits=3, eval_min_size=1000, min_seg=50, max_evals=300, preset="demo", seed=0),
 }
@@ -143,7 +144,8 @@ def run_loop(name: str, root: Path, log=print) -> dict:
     t = time.perf_counter()
     r = _submit(proj, prepare_run(proj, "train", params={**common, "steps": cfg["child_steps"], "training_set": ts.id,
                                                          "mix_original": cfg["mix"], "learning_rate": cfg["child_lr"],
-                                                         "anchor_weight": cfg.get("anchor_weight", 0.0)},
+                                                         "anchor_weight": loop.FINETUNE_ANCHOR_WEIGHT
+                                                         if cfg.get("anchor_weight") is None else cfg["anchor_weight"]},
                                   input_ids=[img_id, lab_id], model_id=parent, user=USER))
     child = r.metrics["model_id"]
     log(f"[{name}] child model {child}: {cfg['child_steps']} fine-tuning steps ({time.perf_counter() - t:.0f} s)")

@@ -4,7 +4,9 @@
     python bench/loop_variants.py DIR/flyem OUT.json 'label:{"anchor_weight": 10, "learning_rate": 1e-3}' ...
 
 Each variant: a train job (2 ranks, through ``launch.jobs.submit``) from the parent on the newest training set
-(or ``"training_set": ID``) with the bench's child settings overridden by the JSON, then
+(or ``"training_set": ID``) with bench/loop.py's FlyEM child settings (steps, mix, lr, anchor) overridden by the
+JSON (the variants in bench/results/loop_finetune_variants.json ran from lr 3e-4 without anchor; each records
+its full parameters), then
 :func:`pipeline_core.loop.compare_from_catalog` on the held-out product (errors at the flag windows, held-out VI
 with its split/merge parts). Children are deterministic (same variant → same VI to 4 decimals), so differences
 between variants are the variants' own; the held-out VI of the parent's own checkpoints moves by ~0.4 over its
@@ -42,8 +44,10 @@ def main(argv=None) -> None:
     (ev_img, ev_lab), (img_id, lab_id) = (imgs[0].id, labs[0].id), (imgs[1].id, labs[1].id)  # held-out ingested first
     first = cat.runs("train")[0]
     keep = ("preset", "batch_size", "checkpoint_every", "holdout_z", "warmup_steps", "lr_scaling", "seed")
-    base = {**{k: v for k, v in first.params.items() if k in keep}, "steps": 400, "training_set": ts.id,
-            "mix_original": 0.5, "learning_rate": 3e-4}
+    c = B.CONFIG["flyem"]
+    base = {**{k: v for k, v in first.params.items() if k in keep}, "steps": c["child_steps"], "training_set": ts.id,
+            "mix_original": c["mix"], "learning_rate": c["child_lr"],
+            "anchor_weight": loop.FINETUNE_ANCHOR_WEIGHT if c.get("anchor_weight") is None else c["anchor_weight"]}
     out = json.loads(outf.read_text()) if outf.exists() else {}
     for spec in argv[2:]:
         label, _, js = spec.partition(":")

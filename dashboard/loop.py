@@ -37,11 +37,6 @@ def _inputs_for(project: Project, seg_id: int, need_labels: bool) -> list[int]:
     return ids
 
 
-#: L2-SP pull toward the parent for fine-tuning from the dashboard (bench/results/loop_seeds_ctx_anchor.json:
-#: with it the FlyEM child's held-out VI stayed within 0.02 of the parent's, without it up to 0.2 worse)
-FINETUNE_ANCHOR = 10.0
-
-
 def send_to_training(project: Project, user: str, product_ids: Sequence[int], *, model_id: int | None = None,
                      profile: str = "local", ranks: int | None = None, steps: int = 300, mix_original: float = 0.5,
                      flag_ids: Sequence[int] | None = None, extra_params: dict | None = None) -> dict:
@@ -73,7 +68,7 @@ def send_to_training(project: Project, user: str, product_ids: Sequence[int], *,
         model_id = m.id
     ts = loop.build_training_set(project, root, user=user, flag_ids=flag_ids)
     params = {"training_set": ts.id, "mix_original": float(mix_original), "steps": int(steps),
-              "anchor_weight": FINETUNE_ANCHOR, **(extra_params or {})}
+              "anchor_weight": loop.FINETUNE_ANCHOR_WEIGHT, **(extra_params or {})}
     inputs = _inputs_for(project, root, need_labels=float(mix_original) > 0)
     rid = prepare_run(project, "train", params=params, input_ids=inputs, model_id=int(model_id), user=user)
     jid = jobs.submit(project, rid, profile, ranks=ranks, user=user, wait=False)

@@ -45,6 +45,10 @@ from .project import Project
 SCRIPT_AUTHOR = "scripted-proofreader"
 SCRIPT_NOTE = "scripted proofreader from ground truth"
 ERROR_FLAG_KINDS = ("merge", "split", "other")
+#: L2-SP pull toward the parent (train parameter ``anchor_weight``) for fine-tuning on reviews: on the FlyEM
+#: loop the child's held-out VI stayed within 0.02 of the parent's with it, up to 0.2 worse without it
+#: (bench/results/loop_seeds_ctx_anchor.json, loop_finetune_variants.json)
+FINETUNE_ANCHOR_WEIGHT = 10.0
 _GT_TAG = re.compile(r"gt_ids=([0-9,]+)")
 
 
