@@ -324,6 +324,15 @@ def local_process(native_id: str, marker: str | None) -> psutil.Process | None:
         return None
 
 
+def wait_local_exit(native_id: str, marker: str | None, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` for local job ``native_id`` (psij's launcher script) to end; True if it has."""
+    proc = local_process(native_id, marker)
+    if proc is None:
+        return True
+    gone, _alive = psutil.wait_procs([proc], timeout=timeout_s)
+    return bool(gone) or local_process(native_id, marker) is None
+
+
 def _observe_local(native_id: str, marker: str | None) -> Observation:
     return Observation("running") if local_process(native_id, marker) is not None else Observation("gone")
 

@@ -53,6 +53,7 @@ MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 STDERR_TAIL_LINES = 40
 STDERR_TAIL_CHARS = 4000
 SUBMIT_STALE_S = 300        # a "new" job row without a native id older than this never reached the scheduler
+LAUNCHER_EXIT_S = 10.0      # how long a finished local runner's psij launcher script may take to exit after it
 DEFAULT_BATCH_WALLTIME = "01:00:00"
 # variables that change what a shell or the loader runs: only a profile (site config) may set them
 UNSAFE_ENV = ("PATH", "ENV", "IFS", "PS4", "SHELLOPTS", "PROMPT_COMMAND", "PYTHONHOME", "PYTHONSTARTUP",
@@ -436,6 +437,9 @@ def refresh_job(project: Project | str | os.PathLike, job_id: int, obs: Observat
         obs = backends.observe(job.backend, [job.native_id], wd, markers=_markers(p, [job]))[job.native_id]
     if job.backend == "local" and obs.state == "gone" and _runner_process(p, job, st) is not None:
         obs = Observation("running")  # psij's launcher is gone (e.g. Ctrl-C in the terminal); the runner is not
+    if (job.backend == "local" and obs.state == "running" and st and st.get("state") == "exited"
+            and backends.wait_local_exit(job.native_id, _markers(p, [job]).get(job.native_id), LAUNCHER_EXIT_S)):
+        obs = Observation("gone")  # the runner has exited; psij's launcher script ends just after it
     launcher_out, launcher_ec = None, None
     if obs.state not in ("queued", "running"):
         launcher_out, launcher_ec = backends.launcher_output(job.backend, job.native_id, wd)
