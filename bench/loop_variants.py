@@ -41,9 +41,9 @@ def main(argv=None) -> None:
     ts = cat.training_sets()[-1]
     imgs = cat.products("aligned")
     labs = cat.products("labels")
-    (ev_img, ev_lab), (img_id, lab_id) = (imgs[0].id, labs[0].id), (imgs[1].id, labs[1].id)  # held-out ingested first
-    first = cat.runs("train")[0]
-    keep = ("preset", "batch_size", "checkpoint_every", "holdout_z", "warmup_steps", "lr_scaling", "seed")
+    ev_img, ev_lab = imgs[0].id, labs[0].id  # held-out ingested first
+    first = cat.runs("train")[0]  # the parent's: its inputs are the original data the child mixes in
+    keep = ("preset", "batch_size", "checkpoint_every", "holdout_z", "warmup_steps", "lr_scaling", "seed", "ema_decay")
     c = B.CONFIG["flyem"]
     base = {**{k: v for k, v in first.params.items() if k in keep}, "steps": c["child_steps"], "training_set": ts.id,
             "mix_original": c["mix"], "learning_rate": c["child_lr"],
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
         except ValueError:
             raise SystemExit(f"variant {spec!r}: expected LABEL:JSON, e.g. 'a10:{{\"anchor_weight\": 10}}'")
         t = time.perf_counter()
-        r = B._submit(proj, prepare_run(proj, "train", params=params, input_ids=[img_id, lab_id], model_id=parent.id,
+        r = B._submit(proj, prepare_run(proj, "train", params=params, input_ids=list(first.input_product_ids), model_id=parent.id,
                                         user=B.USER))
         child = r.metrics["model_id"]
         cmp = loop.compare_from_catalog(proj, child, eval_image_id=ev_img, eval_labels_id=ev_lab, user=B.USER,

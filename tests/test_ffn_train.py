@@ -128,6 +128,39 @@ def test_anchor_weight_keeps_a_fine_tuned_child_near_its_parent_and_resumes_exac
         train.train(cfg, [(img, lab)], tmp_path / "none", train.TrainParams(steps=1, anchor_weight=1.0))
 
 
+def test_ema_model_is_the_weight_average_and_resumes_exactly(tmp_path):
+    """``ema_decay``: the model that inference loads is the moving average of the weights over the steps
+    (checked against the raw weights of every step's checkpoint), the raw weights stay in the checkpoint for
+    resuming, and an interrupted run ends with the same average as a straight one."""
+    img, lab, vs = _volume()
+    cfg = model.preset("tiny", voxel_size=vs, image_mean=float(img.mean()), image_std=float(img.std()))
+    init = model.build_model(cfg, seed=5).get_weights()
+    kw = dict(batch_size=2, log_every=1, warmup_steps=0, learning_rate=1e-2, lr_scaling="none", ema_decay=0.5)
+    d = tmp_path / "ema"
+    train.train(cfg, [(img, lab)], d, train.TrainParams(steps=3, checkpoint_every=1, **kw), init_weights=init)
+    expect = [np.asarray(w, np.float32) for w in init]
+    for step in (1, 2, 3):
+        with np.load(d / "checkpoints" / f"ckpt-{step:07d}.npz") as z:
+            raw = [z[f"w{i}"] for i in range(int(z["n_weights"]))]
+        expect = [0.5 * e + 0.5 * w for e, w in zip(expect, raw)]
+    m, _ = train.load_model(d)
+    for u, v in zip(m.get_weights(), expect):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(u, w) for u, w in zip(m.get_weights(), raw))  # not the last step's weights
+    train.train(cfg, [(img, lab)], tmp_path / "straight", train.TrainParams(steps=8, checkpoint_every=4, **kw),
+                init_weights=init)
+    train.train(cfg, [(img, lab)], tmp_path / "res", train.TrainParams(steps=4, checkpoint_every=4, **kw),
+                init_weights=init)
+    train.train(cfg, [(img, lab)], tmp_path / "res", train.TrainParams(steps=8, checkpoint_every=4, **kw),
+                init_weights=init)
+    m_s, _ = train.load_model(tmp_path / "straight")
+    m_r, _ = train.load_model(tmp_path / "res")
+    for u, v in zip(m_s.get_weights(), m_r.get_weights()):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="ema_decay"):
+        train.TrainParams(ema_decay=1.0)
+
+
 def test_unknown_context_voxels_train_without_nans(tmp_path):
     """A volume whose outer voxels carry UNKNOWN_LABEL (a reviewed region's context): NaN targets are left out
     of the loss, so the loss and the weights stay finite."""
@@ -187,6 +220,7 @@ def test_train_stage_parameters_reach_train_params():
     p = _train_params({**DEFAULTS, "lr_schedule": "cosine"}, (10.0, 10.0, 10.0))
     assert p.lr_schedule == "cosine" and p.permute_axes == (0, 1, 2)
     assert _train_params({**DEFAULTS, "anchor_weight": 0.5}, (10.0, 10.0, 10.0)).anchor_weight == 0.5
+    assert _train_params({**DEFAULTS, "ema_decay": 0.99}, (10.0, 10.0, 10.0)).ema_decay == 0.99
     assert _train_params(dict(DEFAULTS), (40.0, 8.0, 8.0)).permute_axes == (1, 2)   # no z permutation: anisotropic
     with pytest.raises(InputError, match="lr_schedule"):
         _train_params({**DEFAULTS, "lr_schedule": "linear-decay"}, (10.0, 10.0, 10.0))

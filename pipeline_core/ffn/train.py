@@ -61,6 +61,11 @@ class TrainParams:
     anchor_weight: L2-SP fine-tuning (Li et al. 2018): every step adds ``anchor_weight * (w - w0)``
     to the gradient, w0 = the initial (parent) weights, i.e. the penalty
     ``anchor_weight / 2 * |w - w0|^2`` keeps the child near its parent; 0 = off; needs init weights.
+    ema_decay: the model kept is an exponential moving average of the weights (Polyak averaging):
+    ``e <- ema_decay * e + (1 - ema_decay) * w`` after every step, starting from the initial weights;
+    inference (:func:`load_model`) and fine-tuning from this model use ``e``, resuming uses both.
+    It smooths the step-to-step wander of the weights (the held-out VI of an under-trained FFN moves
+    by ~0.4 bits between checkpoints 300 steps apart); 0.99 averages ~100 steps; 0 = off.
     """
 
     steps: int = 1000
@@ -78,6 +83,7 @@ class TrainParams:
     ignore_labels: tuple = (0,)
     aux_boundary_weight: float = 0.0
     anchor_weight: float = 0.0
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         if self.lr_scaling not in LR_SCALINGS:
@@ -98,6 +104,9 @@ class TrainParams:
         if not float(self.anchor_weight) >= 0:
             raise InputError(f"training parameter anchor_weight={self.anchor_weight}: must be >= 0")
         self.anchor_weight = float(self.anchor_weight)
+        if not 0.0 <= float(self.ema_decay) < 1.0:
+            raise InputError(f"training parameter ema_decay={self.ema_decay}: must be in [0, 1)")
+        self.ema_decay = float(self.ema_decay)
         self.permute_axes = tuple(int(a) for a in self.permute_axes)
         self.ignore_labels = tuple(int(a) for a in self.ignore_labels)
 
@@ -170,7 +179,8 @@ def load_model(model_dir, step: int | None = None, dtype_policy: str | None = No
     model = build_model(cfg)
     with np.load(file) as z:
         n = int(z["n_weights"])
-        model.set_weights([z[f"w{i}"] for i in range(n)])
+        key = "e" if "n_ema" in z.files else "w"  # the weight average when the model was trained with one
+        model.set_weights([z[f"{key}{i}"] for i in range(n)])
     return model, cfg
 
 
@@ -240,6 +250,19 @@ class _Trainer:
 
         self.grad_step, self.apply = grad_step, apply
         self.anchor = None  # flat float32 initial weights of the model's trainable variables (L2-SP)
+        self.ema = None  # the weight average (list like get_weights()) when params.ema_decay > 0
+
+    def start_ema(self) -> None:
+        if self.params.ema_decay > 0:
+            self.ema = [np.array(w, np.float32) for w in self.model.get_weights()]
+
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = np.float32(self.params.ema_decay)
+        for e, w in zip(self.ema, self.model.get_weights()):
+            e *= d
+            e += (np.float32(1) - d) * w
 
     def set_anchor(self, weights: list) -> None:
         """Anchor the L2-SP penalty at ``weights`` (a get_weights()-ordered list, e.g. the parent's)."""
@@ -266,6 +289,9 @@ class _Trainer:
         name = f"ckpt-{step:07d}.npz"
         arrays = {f"w{i}": w for i, w in enumerate(self.model.get_weights())}
         arrays["n_weights"] = np.array(len(arrays))
+        if self.ema is not None:
+            arrays.update({f"e{i}": e for i, e in enumerate(self.ema)})
+            arrays["n_ema"] = np.array(len(self.ema))
         ov = [np.asarray(v.numpy()) for v in self.opt.variables]
         arrays.update({f"o{i}": v for i, v in enumerate(ov)})
         arrays["n_opt"] = np.array(len(ov))
@@ -282,6 +308,9 @@ class _Trainer:
     def restore(self, file: Path) -> int:
         with np.load(file) as z:
             self.model.set_weights([z[f"w{i}"] for i in range(int(z["n_weights"]))])
+            if self.params.ema_decay > 0:  # a checkpoint written without the average starts it here
+                key = "e" if "n_ema" in z.files else "w"
+                self.ema = [np.array(z[f"{key}{i}"], np.float32) for i in range(int(z["n_weights"]))]
             if self.aux_head is not None and "n_aux" in z.files:
                 self.aux_head.set_weights([z[f"a{i}"] for i in range(int(z["n_aux"]))])
             n_opt = int(z["n_opt"])
@@ -364,6 +393,7 @@ def train(cfg: FFNConfig, volumes, model_dir, params: TrainParams | None = None,
             except ValueError as e:
                 raise InputError(f"{model_dir}: initial (parent) weights do not fit the network config ({e})") from e
         tr.broadcast_weights()
+        tr.start_ema()
     curve_path = model_dir / "curve.jsonl"
     if rank == 0 and curve_path.exists():  # drop entries past the checkpoint we resume from
         keep = [ln for ln in curve_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= start]
@@ -395,6 +425,8 @@ def train(cfg: FFNConfig, volumes, model_dir, params: TrainParams | None = None,
         b = np.stack([s.boundary_target(c) for s, c in zip(slots, centers)]) if tr.aux else None
         lr = scaled_lr(params, size, done)
         loss, logits = tr.step(x, y, lr, b)
+        if rank == 0:
+            tr.update_ema()
         for s, c, lg in zip(slots, centers, logits):
             s.update(c, lg[..., 0])
         done += 1

@@ -48,6 +48,7 @@ DEFAULTS: dict = {
     "mix_original": 0.5,
     "aux_boundary_weight": 0.0,
     "anchor_weight": 0.0,
+    "ema_decay": 0.0,
 }
 
 PARAM_HELP = {
@@ -66,6 +67,7 @@ PARAM_HELP = {
     "training_set": "fine-tune on this TrainingSet (id; 0 = none): regions around reviewed flags; needs --from-model",
     "mix_original": "with a training set: fraction of examples drawn from the original aligned + labels inputs",
     "anchor_weight": "fine-tuning: L2-SP pull of the weights toward the parent's (gradient += weight * (w - w_parent); 0 = off)",
+    "ema_decay": "keep a moving average of the weights as the model (0.99 averages ~100 steps; 0 = off): steadier held-out scores",
 }
 
 
@@ -80,7 +82,8 @@ def _train_params(p: dict, vs: tuple):
         lr_schedule=str(p.get("lr_schedule", "constant")),
         checkpoint_every=int(p["checkpoint_every"]), seed=int(p["seed"]), move_threshold=float(p["move_threshold"]),
         permute_axes=(0, 1, 2) if isotropic else (1, 2), ignore_labels=tuple(int(v) for v in p["ignore_labels"]),
-        aux_boundary_weight=float(p.get("aux_boundary_weight", 0.0)), anchor_weight=float(p.get("anchor_weight", 0.0)))
+        aux_boundary_weight=float(p.get("aux_boundary_weight", 0.0)), anchor_weight=float(p.get("anchor_weight", 0.0)),
+        ema_decay=float(p.get("ema_decay", 0.0)))
 
 
 def _existing_model(ctx: StageContext):
