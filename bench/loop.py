@@ -141,8 +141,8 @@ def run_loop(name: str, root: Path, log=print) -> dict:
     def merge_fn(pid, keep, remove, flag_id):
         return edits.merge_segments(proj, pid, keep, remove, USER, flag_id=flag_id).product.id
 
-    def split_fn(pid, segment, seeds, flag_id):
-        return edits.split_segment(proj, pid, segment, seeds, USER, flag_id=flag_id).product.id
+    def split_fn(pid, segment, seeds, flag_id, groups=None):
+        return edits.split_segment(proj, pid, segment, seeds, USER, flag_id=flag_id, groups=groups).product.id
 
     pr = loop.scripted_proofread(proj, seg_root, lab_id, merge_fn=merge_fn, split_fn=split_fn,
                                  n_merges=cfg["merges"], n_splits=cfg["splits"], n_open=1, min_size=cfg["min_size"],

@@ -53,8 +53,8 @@ def _edit_fns(project: Project, user: str):
     def merge_fn(pid, keep, remove, flag_id):
         return edits.merge_segments(project, pid, keep, remove, user, flag_id=flag_id).product.id
 
-    def split_fn(pid, segment, seeds, flag_id):
-        return edits.split_segment(project, pid, segment, seeds, user, flag_id=flag_id).product.id
+    def split_fn(pid, segment, seeds, flag_id, groups=None):
+        return edits.split_segment(project, pid, segment, seeds, user, flag_id=flag_id, groups=groups).product.id
 
     return merge_fn, split_fn
 
@@ -69,8 +69,11 @@ def _edit_fns(project: Project, user: str):
 @click.option("--min-size", default=1000, show_default=True, help="gt objects smaller than this are ignored (voxels)")
 @click.option("--min-overlap", default=100, show_default=True, help="voxels a piece needs to count")
 @click.option("--holdout-z", default=0, show_default=True, help="last N sections are held out: nothing flagged there")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="look again after each edit and keep editing until the flagged error is gone from its training "
+                   "region (--no-check: one edit per flag)")
 @click.option("--user", default=None, help="recorded as the author of the edits [default: login name]")
-def proofread_auto(project, seg_id, gt_id, merges, splits, n_open, min_size, min_overlap, holdout_z, user):
+def proofread_auto(project, seg_id, gt_id, merges, splits, n_open, min_size, min_overlap, holdout_z, check, user):
     """SCRIPTED proofreader for demos/tests: flags the largest errors FROM GROUND TRUTH and fixes them by edits."""
     from pipeline_core import loop
     p = Project.open(project)
@@ -84,10 +87,11 @@ def proofread_auto(project, seg_id, gt_id, merges, splits, n_open, min_size, min
         exclude = [(slice(max(0, b[0].start - hz), b[0].stop), b[1], b[2])]
     out = loop.scripted_proofread(p, seg_id, gt_id, merge_fn=merge_fn, split_fn=split_fn, n_merges=merges,
                                   n_splits=splits, n_open=n_open, min_size=min_size, min_overlap=min_overlap,
-                                  exclude=exclude, author=loop.SCRIPT_AUTHOR)
+                                  exclude=exclude, author=loop.SCRIPT_AUTHOR, check=check)
+    unfixed = f" (still present after the edits: flags {out['unfixed']})" if out["unfixed"] else ""
     click.echo(f"scripted proofreader (from ground truth): {out['errors_found']} errors found "
                f"({out['counts']['merge']} merges, {out['counts']['split']} splits); flagged and fixed "
-               f"{len(out['flags'])} with {len(out['edits'])} edits, {len(out['open_flags'])} left open; "
+               f"{len(out['flags'])} with {len(out['edits'])} edits{unfixed}, {len(out['open_flags'])} left open; "
                f"current version: product {out['product_id']}")
 
 

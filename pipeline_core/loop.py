@@ -238,7 +238,24 @@ def find_errors(seg: np.ndarray, gt: np.ndarray, *, min_size: int = 1000, min_ov
     return errors
 
 
-def errors_at(seg: np.ndarray, gt: np.ndarray, flag, half, *, min_overlap: int = 50, ignore_gt=(0,)) -> int:
+def _boundary_free(g: np.ndarray, width: int) -> np.ndarray:
+    """``g`` with every voxel within ``width`` px (in plane) of a different label set to 0."""
+    if width <= 0:
+        return g
+    keep = np.ones(g.shape, bool)
+    for ax in (1, 2):
+        for d in range(1, width + 1):
+            a = [slice(None)] * 3
+            b = [slice(None)] * 3
+            a[ax], b[ax] = slice(d, None), slice(None, -d)
+            diff = g[tuple(a)] != g[tuple(b)]
+            keep[tuple(a)] &= ~diff
+            keep[tuple(b)] &= ~diff
+    return np.where(keep, g, 0)
+
+
+def errors_at(seg: np.ndarray, gt: np.ndarray, flag, half, *, min_overlap: int = 50, ignore_gt=(0,),
+              boundary: int = 1) -> int:
     """Is the error a flag names still present in ``seg`` near the flag? (0 or 1 per flag; with GT).
 
     Inside the box of half size ``half`` around the flag: a *merge* flag (gt ids a, b, …) counts
@@ -246,6 +263,8 @@ def errors_at(seg: np.ndarray, gt: np.ndarray, flag, half, *, min_overlap: int =
     (gt id g) counts when >= 2 segments each hold >= ``min_overlap`` voxels of g, or when half or
     more of g's voxels in the box are unsegmented (leaving the object out does not "fix" a split).
     A flag without gt ids counts any false merge/split in the box (metrics.merges_and_splits).
+    Ground-truth voxels within ``boundary`` px (in plane) of another gt object are not counted (as
+    label 0), so a segment boundary a membrane's width away from the gt boundary is not an error.
     """
     from .metrics import contingency, merges_and_splits
 
@@ -253,7 +272,7 @@ def errors_at(seg: np.ndarray, gt: np.ndarray, flag, half, *, min_overlap: int =
     kind = flag["kind"] if isinstance(flag, dict) else flag.kind
     gts = flag.get("gt_ids", []) if isinstance(flag, dict) else flag_gt_ids(flag)
     box = box_around(zyx, half, seg.shape)
-    s, g = np.asarray(seg[box]), np.asarray(gt[box])
+    s, g = np.asarray(seg[box]), _boundary_free(np.asarray(gt[box]), int(boundary))
     if not gts:
         r = merges_and_splits(s, g, min_size=min_overlap, min_overlap=min_overlap, ignore_gt=ignore_gt)
         return int(r["false_merges"] + r["false_splits"] > 0)
@@ -277,7 +296,8 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
                        merge_fn: Callable | None = None, split_fn: Callable | None = None,
                        n_merges: int = 3, n_splits: int = 3, n_open: int = 1, min_size: int = 1000,
                        min_overlap: int = 100, ignore_gt=(0,), exclude: Sequence[tuple] = (),
-                       author: str = SCRIPT_AUTHOR) -> dict:
+                       author: str = SCRIPT_AUTHOR, check: bool = True, check_half: Sequence[int] | None = None,
+                       max_rounds: int = 6) -> dict:
     """Flag the largest false merges/splits of a segmentation from ground truth and fix them by edits.
 
     **A scripted proofreader that reads the ground truth** — for demos and tests only. It flags the
@@ -288,7 +308,16 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
     keep, remove, flag_id) -> new product id`` for every extra piece) and marks the flag ``fixed``.
     ``n_open`` further errors are flagged but left ``open`` (unresolved: training sets exclude their
     regions). ``exclude``: boxes (e.g. the held-out block) where nothing is flagged.
-    Returns {"flags": [...], "edits": [...], "open_flags": [...], "product_id": newest version}.
+
+    ``check``: like a proofreader who looks again after the edit, check the box of half size
+    ``check_half`` (default: a training region's, :func:`region_half` of the segmentation's model)
+    around each flag with :func:`errors_at` and, while the flagged error is still there, make
+    follow-up edits (at most ``max_rounds``): a segment still holding two of a merge flag's gt
+    objects is split at one seed per object; a piece of a split flag's object is merged into the
+    main piece, first split off its segment when most of that segment is another object. A flag
+    still failing the check afterwards is recorded in ``unfixed`` (its status stays ``fixed``: the
+    edits were made). ``check=False``: one edit per flag, no check.
+    Returns {"flags": [...], "edits": [...], "open_flags": [...], "unfixed": [...], "product_id": newest version}.
     """
     cat = project.catalog
     cur = current_version(project, product_id)
@@ -300,6 +329,8 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
         raise InputError(f"--gt {gt_product_id}: shape {gt_p.shape} differs from segmentation {seg_p.shape}")
     seg = store.read_volume(project.abspath(seg_p.path))
     gt = store.read_volume(project.abspath(gt_p.path))
+    if check and check_half is None:
+        check_half = region_half(_model_cfg_for(project, seg_p))
     errs = find_errors(seg, gt, min_size=min_size, min_overlap=min_overlap, ignore_gt=ignore_gt,
                        voxel_size=seg_p.voxel_size or (1, 1, 1), exclude=exclude)
     merges = [e for e in errs if e["kind"] == "merge"][:n_merges]
@@ -311,7 +342,7 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
             used |= set(e["all_pieces"])
     chosen = {id(e) for e in merges + splits}
     rest = [e for e in errs if id(e) not in chosen and not (set(e["segment_ids"]) & used)][:max(0, n_open)]
-    out = {"flags": [], "edits": [], "open_flags": [], "errors_found": len(errs),
+    out = {"flags": [], "edits": [], "open_flags": [], "unfixed": [], "errors_found": len(errs),
            "counts": {"merge": len([e for e in errs if e["kind"] == "merge"]),
                       "split": len([e for e in errs if e["kind"] == "split"])}}
     pid = cur
@@ -333,10 +364,104 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
             for other in e["segment_ids"][1:]:
                 pid = int(merge_fn(pid, keep, other, f.id))
                 out["edits"].append({"flag_id": f.id, "kind": "merge", "product_id": pid})
+        if check and merge_fn is not None and split_fn is not None:
+            pid, rounds, ok = _follow_up_edits(project, pid, gt, f, rec, check_half, merge_fn, split_fn,
+                                               min_overlap=min_overlap, ignore_gt=ignore_gt, max_rounds=max_rounds,
+                                               edits_out=out["edits"])
+            rec["follow_up_rounds"] = rounds
+            if not ok:
+                out["unfixed"].append(f.id)
         if merge_fn is not None or split_fn is not None:
             cat.set_flag_status(f.id, "fixed", author, note="fixed by the scripted proofreader's edit")
     out["product_id"] = pid
     return out
+
+
+def _newest_edit_ids(project: Project, pid: int) -> list[int]:
+    """Segment ids of the edit that made product ``pid`` ([kept, new...] for a split)."""
+    for e in reversed(project.catalog.edits()):
+        if e.after_product_id == pid:
+            return [int(i) for i in e.segment_ids]
+    return []
+
+
+def _follow_up_edits(project: Project, pid: int, gt: np.ndarray, flag, rec: dict, half, merge_fn, split_fn, *,
+                     min_overlap: int, ignore_gt, max_rounds: int, edits_out: list) -> tuple[int, int, bool]:
+    """Edit around ``flag`` until :func:`errors_at` finds its error gone (or ``max_rounds``); (pid, rounds, fixed)."""
+    from .metrics import contingency
+
+    cat = project.catalog
+    check = {"kind": rec["kind"], "zyx": rec["zyx"], "gt_ids": rec["gt_ids"]}
+    win = min(min_overlap, 50)
+    sampling = tuple(float(v) for v in (cat.product(pid).voxel_size or (1, 1, 1)))
+    for rnd in range(max_rounds + 1):
+        seg = store.read_volume(project.abspath(cat.product(pid).path))
+        if not errors_at(seg, gt, check, half, min_overlap=win, ignore_gt=ignore_gt):
+            return pid, rnd, True
+        if rnd == max_rounds:
+            break
+        box = box_around(check["zyx"], half, seg.shape)
+        s, g = seg[box], gt[box]
+        si, gi, c = contingency(s, g, ignore_seg=(0,), ignore_gt=ignore_gt)
+        gts = [int(v) for v in rec["gt_ids"]]
+
+        def seeds_of(masks):
+            """Seeds and their piece numbers: one seed per connected part (>= 10 voxels, largest 8) of each mask."""
+            seeds, groups = [], []
+            for k, m in enumerate(masks):
+                comp, n = ndi.label(m)
+                sizes = np.bincount(comp.ravel())[1:]
+                for j in np.argsort(-sizes)[:8]:
+                    if sizes[j] >= 10 or j == np.argmax(sizes):
+                        seeds.append(tuple(int(a + b.start) for a, b in zip(_deepest(comp == j + 1, sampling), box)))
+                        groups.append(k)
+            return seeds, groups
+
+        def split(pid, sid, masks):
+            seeds, groups = seeds_of(masks)
+            if len(seeds) == len(masks):
+                return int(split_fn(pid, sid, seeds, flag.id))
+            return int(split_fn(pid, sid, seeds, flag.id, groups=groups))
+        acted = False
+        if rec["kind"] == "merge":
+            for sid in np.unique(si).tolist():
+                parts = [(int(n), int(gid)) for n, gid, ss in zip(c, gi, si) if ss == sid and gid in gts
+                         and n >= win]
+                if len(parts) < 2:
+                    continue
+                parts.sort(reverse=True)
+                pid = split(pid, sid, [(s == sid) & (g == gid) for _, gid in parts])
+                edits_out.append({"flag_id": flag.id, "kind": "split", "product_id": pid, "follow_up": rnd + 1})
+                acted = True
+                break
+        else:
+            gid = gts[0]
+            pieces = sorted(((int(n), int(ss)) for n, ss, gg in zip(c, si, gi) if gg == gid and n >= win),
+                            reverse=True)
+            if len(pieces) >= 2:
+                keep = pieces[0][1]
+                for _, sid in pieces[1:]:
+                    tot = c[si == sid]
+                    own = c[(si == sid) & (gi == gid)].sum()
+                    if own * 2 >= tot.sum():
+                        pid = int(merge_fn(pid, keep, sid, flag.id))
+                        edits_out.append({"flag_id": flag.id, "kind": "merge", "product_id": pid,
+                                          "follow_up": rnd + 1})
+                    else:  # mostly another object: split the flagged object's part off, then merge it
+                        other = int(gi[si == sid][np.argmax(c[si == sid] * (gi[si == sid] != gid))])
+                        pid = split(pid, sid, [(s == sid) & (g == other), (s == sid) & (g == gid)])
+                        edits_out.append({"flag_id": flag.id, "kind": "split", "product_id": pid,
+                                          "follow_up": rnd + 1})
+                        ids = _newest_edit_ids(project, pid)
+                        if len(ids) >= 2:
+                            pid = int(merge_fn(pid, keep, ids[1], flag.id))
+                            edits_out.append({"flag_id": flag.id, "kind": "merge", "product_id": pid,
+                                              "follow_up": rnd + 1})
+                    acted = True
+                    break
+        if not acted:
+            break
+    return pid, rnd, False
 
 
 # --------------------------------------------------------------------------- training sets

@@ -22,6 +22,19 @@ from .store import write_json_atomic
 PROJECT_FILE = "project.json"
 
 
+LOCAL_DB = "sqlite:///emloop.sqlite"
+
+
+def _resolve_db(url: str, root: Path) -> str:
+    """A relative SQLite file (``sqlite:///emloop.sqlite``) lives in the project folder; other URLs as given."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        rest = url[len(prefix):]
+        if rest and not rest.startswith(":memory:") and not rest.startswith("file:"):
+            return prefix + str(Path(root).resolve() / rest)
+    return url
+
+
 class Project:
     """Paths and the catalog of one project folder."""
 
@@ -31,6 +44,7 @@ class Project:
         self.name = name
 
     # -- opening ---------------------------------------------------------------------
+    # (a relative sqlite path in project.json is relative to the project folder: see _resolve_db)
     @classmethod
     def init(cls, root: str | os.PathLike, db: str | None = None, name: str | None = None,
              user: str | None = None) -> "Project":
@@ -45,8 +59,8 @@ class Project:
             if db and db != proj.catalog.url:
                 raise InputError(f"{cfg_path}: project already uses catalog {proj.catalog.url}, not {db}")
             return proj
-        url = db or f"sqlite:///{root / 'emloop.sqlite'}"
-        catalog = Catalog(url)
+        url = db or LOCAL_DB  # the default file is named relative to the folder: copying or moving it keeps its catalog
+        catalog = Catalog(_resolve_db(url, root))
         name = name or root.name
         catalog.ensure_project(name, str(root), user=user)
         for d in ("products", "runs", "models"):
@@ -67,7 +81,7 @@ class Project:
             url = cfg["db"]
         except (json.JSONDecodeError, KeyError):
             raise InputError(f"{cfg_path}: damaged project file (needs JSON with a 'db' URL)")
-        return cls(root, Catalog(url), cfg.get("name", root.name))
+        return cls(root, Catalog(_resolve_db(url, root)), cfg.get("name", root.name))
 
     # -- paths -----------------------------------------------------------------------
     def product_path(self, stage: str, run_id: int, suffix: str = ".ome.zarr") -> Path:

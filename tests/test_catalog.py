@@ -142,6 +142,20 @@ def test_eight_processes_approving_and_flagging_lose_nothing(tmp_path):
     assert len([e for e in cat.audit() if e.action == "flag_add"]) == 8 * n
 
 
+def test_a_copied_project_uses_its_own_catalog(tmp_path):
+    """The default SQLite catalog is named relative to the project folder, so a copy (or a move) of the
+    folder opens the copy's catalog, never the original's."""
+    import shutil
+    a = Project.init(tmp_path / "a", user="ann")
+    a.catalog.add_user("ann", "admin", by="ann")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    b = Project.open(tmp_path / "b")
+    b.catalog.add_user("bob", "viewer", by="ann")
+    assert str((tmp_path / "b").resolve() / "emloop.sqlite") in b.catalog.url
+    assert "bob" not in {u.name for u in Project.open(tmp_path / "a").catalog.users()}
+    assert "bob" in {u.name for u in Project.open(tmp_path / "b").catalog.users()}
+
+
 def test_any_sqlalchemy_url(tmp_path):
     url = f"sqlite:///{tmp_path / 'other.db'}"
     p = Project.init(tmp_path / "u", db=url)

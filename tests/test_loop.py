@@ -103,6 +103,61 @@ def test_flagged_subvolumes_and_reconcile_into_old():
     assert loop.changed_objects(old, new) == [6, 7]
 
 
+def _planted_segmentation(proj, img, gt, vs, seg):
+    """A segmentation product (with its run and a model dir) holding ``seg``, for the scripted proofreader."""
+    from pipeline_core.ffn.model import preset
+    cfg = preset("tiny", voxel_size=vs, image_mean=float(img.mean()), image_std=float(img.std()))
+    o = ingest_stack(proj, None, voxel_size=vs, image_array=img, labels_array=gt, user=USER)
+    m = proj.catalog.add_model("", preset="tiny", user=USER)
+    mdir = proj.model_dir(m.id)
+    mdir.mkdir(parents=True, exist_ok=True)
+    (mdir / "config.json").write_text(json.dumps({"ffn": cfg.to_dict()}))
+    proj.catalog.update_model(m.id, path=proj.relpath(mdir))
+    run = proj.catalog.create_run("segment", params={}, inputs=[o["image"][1]], model_id=m.id, user=USER)
+    out = proj.root / "products" / "segment" / f"{run.id}.ome.zarr"
+    digest = store.write_volume(out, seg, vs, kind="labels")
+    proj.catalog.set_run_state(run.id, "running", user=USER)
+    p = proj.catalog.add_product("segmentation", proj.relpath(out), run_id=run.id, shape=seg.shape, dtype="uint64",
+                                 voxel_size=vs, content_hash=digest, user=USER)
+    proj.catalog.set_run_state(run.id, "succeeded", user=USER)
+    return p.id, o["labels"][1], cfg
+
+
+def test_scripted_proofreader_checks_its_edits_until_the_flagged_error_is_gone(tmp_path):
+    """With ``check_half`` the scripted proofreader looks at the flag's window again after its edit and keeps
+    editing (split with several seeds per object, split-off-then-merge) until :func:`loop.errors_at` finds the
+    flagged error gone there -- the training labels of that region are then right. Planted: a false merge of
+    two touching objects, and an object cut in three where one part was swallowed by a neighbour."""
+    from scipy import ndimage as ndi
+    d = synth.generate("tiny", seed=0)
+    img, gt = d.image[:, :96, :96], d.labels[:, :96, :96].astype(np.uint32)
+    ids, sizes = np.unique(gt[gt > 0], return_counts=True)
+    big = [int(i) for i in ids[np.argsort(-sizes)]][:10]
+    touch = lambda x, y: (ndi.binary_dilation(gt == x) & (gt == y)).sum() > 30  # noqa: E731
+    a, b = next((x, y) for x in big for y in big if x < y and touch(x, y))
+    c, e = next((x, y) for x in big for y in big if x != y and {x, y}.isdisjoint({a, b}) and touch(x, y))
+    seg = gt.astype(np.uint64).copy()
+    seg[seg == b] = a                                                  # false merge a+b
+    cz = np.argwhere(gt == c)
+    ymid = int(np.median(cz[:, 1]))
+    part = (gt == c) & (np.arange(gt.shape[1])[None, :, None] >= ymid)
+    seg[part] = int(gt.max()) + 1                                       # c split in two ...
+    near = part & (ndi.distance_transform_edt(gt != e) < 6)
+    seg[near] = e                                                       # ... and a part of it inside e
+    proj = Project.init(tmp_path / "proj", user=USER)
+    pid, lab_id, cfg = _planted_segmentation(proj, img, gt, d.voxel_size, seg)
+    half = loop.region_half(cfg)
+    merge_fn, split_fn = _edit_fns(proj)
+    pr = loop.scripted_proofread(proj, pid, lab_id, merge_fn=merge_fn, split_fn=split_fn, n_merges=1, n_splits=1,
+                                 n_open=0, min_size=200, min_overlap=50)
+    assert sorted(f["kind"] for f in pr["flags"]) == ["merge", "split"] and pr["unfixed"] == []
+    cur = store.read_volume(proj.abspath(proj.catalog.product(pr["product_id"]).path))
+    for f in loop.lineage_flags(proj, pid):
+        assert loop.errors_at(seg, gt, f, half) == 1 and loop.errors_at(cur, gt, f, half) == 0, f.kind
+    kinds = [e.kind for e in proj.catalog.edits()]
+    assert kinds.count("split") >= 1 and kinds.count("merge") >= 1 and len(kinds) == len(pr["edits"])
+
+
 # --------------------------------------------------------------------------- catalog
 
 
@@ -139,8 +194,8 @@ def _edit_fns(proj):
     def merge_fn(pid, keep, remove, flag_id):
         return edits.merge_segments(proj, pid, keep, remove, USER, flag_id=flag_id).product.id
 
-    def split_fn(pid, segment, seeds, flag_id):
-        return edits.split_segment(proj, pid, segment, seeds, USER, flag_id=flag_id).product.id
+    def split_fn(pid, segment, seeds, flag_id, groups=None):
+        return edits.split_segment(proj, pid, segment, seeds, USER, flag_id=flag_id, groups=groups).product.id
     return merge_fn, split_fn
 
 
@@ -356,5 +411,6 @@ def test_scripted_proofreader_on_flyem_medulla(shared_data, tmp_path):
     assert edit.kind == "split"
     major = {int(np.bincount(gt[cur == i].astype(np.int64)).argmax()) for i in edit.segment_ids}
     assert major == set(a)                       # each gt body now has its own segment (watershed split)
+    assert loop.errors_at(cur, gt, flag, half) == 0 and pr["unfixed"] == []   # checked: gone from the window
     ts = loop.build_training_set(proj, p.id, user=USER)
-    assert ts.flag_ids == [flag.id] and len(ts.edit_ids) == 1
+    assert ts.flag_ids == [flag.id] and len(ts.edit_ids) == len(pr["edits"]) >= 1

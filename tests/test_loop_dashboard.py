@@ -56,8 +56,8 @@ def world(tmp_path_factory):
     def merge_fn(pid, keep, remove, flag_id):
         return edits.merge_segments(proj, pid, keep, remove, "pat", flag_id=flag_id).product.id
 
-    def split_fn(pid, segment, seeds, flag_id):
-        return edits.split_segment(proj, pid, segment, seeds, "pat", flag_id=flag_id).product.id
+    def split_fn(pid, segment, seeds, flag_id, groups=None):
+        return edits.split_segment(proj, pid, segment, seeds, "pat", flag_id=flag_id, groups=groups).product.id
 
     pr = loop.scripted_proofread(proj, p.id, lab_id, merge_fn=merge_fn, split_fn=split_fn, n_merges=1, n_splits=1,
                                  n_open=0, min_size=500, min_overlap=50)

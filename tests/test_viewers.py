@@ -427,6 +427,29 @@ def test_merge_then_split_recovers_ground_truth(seg, tiny):
         edits.undo(proj, make_fresh(proj, tiny), "x")
 
 
+def test_split_with_several_seeds_per_piece():
+    """Seed groups: every seed of a group floods into the same piece, so a piece made of parts that one seed
+    cannot reach first (here: two bars of object B on either side of object A, one segment) comes out whole."""
+    lab = np.zeros((3, 30, 30), np.uint32)
+    lab[:, 5:25, 2:28] = 7                                    # one merged segment ...
+    truth = np.zeros_like(lab)
+    truth[:, 5:25, 2:8], truth[:, 5:25, 8:22], truth[:, 5:25, 22:28] = 2, 1, 2   # ... of A (middle) and B (sides)
+    image = np.full(lab.shape, 200, np.uint8)
+    image[:, :, 7:9], image[:, :, 21:23] = 20, 20             # dark membranes between A and B
+    one = edits.split_labels(lab, 7, [(1, 15, 15), (1, 15, 4)], [8], image=image)
+    assert (one[truth == 2] == 8).mean() < 0.9                 # one seed for B: its far bar goes to A
+    seeds = [(1, 15, 15), (1, 15, 4), (1, 15, 25)]
+    two = edits.split_labels(lab, 7, seeds, [8], image=image, groups=[0, 1, 1])
+    assert set(np.unique(two[lab == 7]).tolist()) == {7, 8}
+    assert (two[truth == 2] == 8).mean() > 0.9 and (two[truth == 1] == 7).mean() > 0.9
+    with pytest.raises(InputError, match="one group per seed"):
+        edits.split_labels(lab, 7, seeds, [8], groups=[0, 1])
+    with pytest.raises(InputError, match="number the pieces"):
+        edits.split_labels(lab, 7, seeds, [8], groups=[0, 2, 2])
+    with pytest.raises(InputError, match="needs 1 new ids"):
+        edits.split_labels(lab, 7, seeds, [8, 9], groups=[0, 1, 1])
+
+
 def make_fresh(proj, tiny) -> int:
     rel = "products/segment/fresh.ome.zarr"
     h = store.write_volume(proj.root / rel, tiny.labels, tiny.voxel_size, kind="labels")

@@ -91,12 +91,15 @@ def split_elevation(mask: np.ndarray, image: np.ndarray | None, voxel_size=(1.0,
     return (inv + 0.1 * (1.0 - dist / dmax)).astype(np.float32)
 
 
-def seed_markers(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]], radius: int = 3) -> np.ndarray:
-    """int32 markers (z, y, x): seed ``k`` → label ``k + 1`` on an in-plane disc of ``radius`` px inside ``mask``.
+def seed_markers(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]], radius: int = 3,
+                 groups: Sequence[int] | None = None) -> np.ndarray:
+    """int32 markers (z, y, x): seed ``k`` → label ``groups[k] + 1`` (default ``k + 1``) on an in-plane
+    disc of ``radius`` px inside ``mask``.
 
     Discs never overwrite each other (earlier seeds win where they overlap) and
     the seed voxels themselves always carry their own label.
     """
+    lab = [int(g) + 1 for g in groups] if groups is not None else [k + 1 for k in range(len(seeds))]
     markers = np.zeros(mask.shape, dtype=np.int32)
     r = max(0, int(radius))
     yy, xx = np.ogrid[-r:r + 1, -r:r + 1]
@@ -109,19 +112,34 @@ def seed_markers(mask: np.ndarray, seeds: Sequence[tuple[int, int, int]], radius
         comp, _ = ndi.label(mask[z, y0:y1, x0:x1] & d)
         own = comp == comp[y - y0, x - x0]
         sub = markers[z, y0:y1, x0:x1]
-        sub[own & (sub == 0)] = k + 1
+        sub[own & (sub == 0)] = lab[k]
     for k, s in enumerate(seeds):
-        markers[s] = k + 1
+        markers[s] = lab[k]
     return markers
 
 
+def _check_groups(seeds, groups) -> list[int] | None:
+    """Seed groups as a list (None = one piece per seed); they must number 0..P-1 (P >= 2), one per seed."""
+    if groups is None:
+        return None
+    groups = [int(g) for g in groups]
+    if len(groups) != len(seeds):
+        raise InputError(f"split: {len(groups)} seed groups for {len(seeds)} seeds (one group per seed)")
+    if sorted(set(groups)) != list(range(max(groups) + 1)) or max(groups) < 1:
+        raise InputError(f"split: seed groups {groups} must number the pieces 0, 1, ... (at least two pieces)")
+    return groups
+
+
 def split_labels(labels: np.ndarray, segment_id: int, seeds: Sequence[Sequence[int]], new_ids: Sequence[int],
-                 image: np.ndarray | None = None, voxel_size=(1.0, 1.0, 1.0), seed_radius: int = 3) -> np.ndarray:
+                 image: np.ndarray | None = None, voxel_size=(1.0, 1.0, 1.0), seed_radius: int = 3,
+                 groups: Sequence[int] | None = None) -> np.ndarray:
     """Split segment ``segment_id`` of ``labels`` (z, y, x) by seeded watershed.
 
     ``seeds``: ≥ 2 voxel indices (z, y, x) on the segment; the region flooded
     from ``seeds[0]`` keeps ``segment_id``, the one from ``seeds[k]`` gets
-    ``new_ids[k - 1]``.  ``image``: EM image of the same shape or None.
+    ``new_ids[k - 1]``.  ``groups`` (optional, one per seed, values 0..P-1, 0 first): several
+    seeds per piece -- seeds of group 0 keep ``segment_id``, group g gets ``new_ids[g - 1]``.
+    ``image``: EM image of the same shape or None.
     ``seed_radius``: in-plane radius (px) of each seed's disc (see :func:`seed_markers`).
     """
     from skimage.segmentation import watershed
@@ -132,8 +150,10 @@ def split_labels(labels: np.ndarray, segment_id: int, seeds: Sequence[Sequence[i
         raise InputError("a split needs at least two seed points")
     if len(set(seeds)) != len(seeds):
         raise InputError("split seeds must be different voxels")
-    if len(new_ids) != len(seeds) - 1:
-        raise InputError(f"a split with {len(seeds)} seeds needs {len(seeds) - 1} new ids")
+    groups = _check_groups(seeds, groups)
+    n_pieces = len(set(groups)) if groups is not None else len(seeds)
+    if len(new_ids) != n_pieces - 1:
+        raise InputError(f"a split into {n_pieces} pieces needs {n_pieces - 1} new ids")
     mask = labels == segment_id
     for s in seeds:
         if not all(0 <= c < n for c, n in zip(s, labels.shape)):
@@ -142,7 +162,7 @@ def split_labels(labels: np.ndarray, segment_id: int, seeds: Sequence[Sequence[i
             raise InputError(f"split seed {s} is on segment {int(labels[s])}, not on segment {segment_id}")
     if image is not None and np.asarray(image).shape != labels.shape:
         raise InputError(f"split: image shape {np.asarray(image).shape} differs from labels shape {labels.shape}")
-    markers = seed_markers(mask, seeds, seed_radius)
+    markers = seed_markers(mask, seeds, seed_radius, groups)
     elev = split_elevation(mask, image, voxel_size)
     elev[markers > 0] = elev.min() - 1.0  # every seed starts flooding at once
     ws = watershed(elev, markers=markers, mask=mask)
@@ -317,8 +337,11 @@ def merge_segments(project: Project, product_id: int, keep: int, remove: int, au
 
 
 def split_segment(project: Project, product_id: int, segment_id: int, seeds: Sequence[Sequence[int]], author: str, *,
-                  flag_id: int | None = None, image_product_id: int | None = None) -> EditResult:
-    """Split ``segment_id`` from ≥ 2 seed voxels (z, y, x) by seeded watershed → new version + ``split`` Edit."""
+                  flag_id: int | None = None, image_product_id: int | None = None,
+                  groups: Sequence[int] | None = None) -> EditResult:
+    """Split ``segment_id`` from ≥ 2 seed voxels (z, y, x) by seeded watershed → new version + ``split`` Edit.
+
+    ``groups``: optional piece number per seed (0 = keeps the id), for several seeds per piece."""
     segment_id = int(segment_id)
     parent, lineage, dst = _prepare(project, product_id, author)
     if segment_id == 0:
@@ -341,7 +364,8 @@ def split_segment(project: Project, product_id: int, segment_id: int, seeds: Seq
         on = int(a0[s])
         if on != segment_id:
             raise InputError(f"split seed {s} is on segment {on}, not on segment {segment_id}")
-    new_ids = [mx + k for k in range(1, len(seeds))]
+    groups = _check_groups(seeds, groups)
+    new_ids = [mx + k for k in range(1, len(set(groups)) if groups is not None else len(seeds))]
     if new_ids[-1] > _dtype_max(meta.dtype):
         raise EmloopError(f"product {parent.id}: no free {meta.dtype} id left for the split")
     box = _union_box([boxes[segment_id]], meta.shape)
@@ -352,13 +376,14 @@ def split_segment(project: Project, product_id: int, segment_id: int, seeds: Seq
     image = None
     if img_product is not None:
         image = np.asarray(store.open_level(project.abspath(img_product.path), 0)[box])
-    block = split_labels(labels, segment_id, local, new_ids, image=image, voxel_size=meta.voxel_size)
+    block = split_labels(labels, segment_id, local, new_ids, image=image, voxel_size=meta.voxel_size, groups=groups)
     sizes = [int((block == i).sum()) for i in [segment_id] + new_ids]
     digest = write_version(src, dst, box=box, block=block, provenance={
         "edit": "split", "parent_product": parent.id, "segment": segment_id, "seeds": [list(s) for s in seeds],
-        "new_ids": new_ids, "author": author})
+        "new_ids": new_ids, "author": author, **({"groups": groups} if groups is not None else {})})
     p, e = _record_version(project, parent, dst, digest, "split", author, segment_ids=[segment_id] + new_ids,
                            detail={"segment": segment_id, "seeds": [list(s) for s in seeds], "new_ids": new_ids,
+                                   **({"groups": groups} if groups is not None else {}),
                                    "sizes": sizes, "image_product": img_product.id if img_product else None,
                                    "bbox": [[s.start, s.stop] for s in box]},
                            flag_id=flag_id, lineage=lineage, max_id=max(mx, new_ids[-1]))
