@@ -68,7 +68,7 @@ def send_to_training(project: Project, user: str, product_ids: Sequence[int], *,
         model_id = m.id
     ts = loop.build_training_set(project, root, user=user, flag_ids=flag_ids)
     params = {"training_set": ts.id, "mix_original": float(mix_original), "steps": int(steps),
-              "anchor_weight": loop.FINETUNE_ANCHOR_WEIGHT, **(extra_params or {})}
+              "anchor_weight": loop.FINETUNE_ANCHOR_WEIGHT, "ema_decay": loop.FINETUNE_EMA_DECAY, **(extra_params or {})}
     inputs = _inputs_for(project, root, need_labels=float(mix_original) > 0)
     rid = prepare_run(project, "train", params=params, input_ids=inputs, model_id=int(model_id), user=user)
     jid = jobs.submit(project, rid, profile, ranks=ranks, user=user, wait=False)

@@ -95,7 +95,8 @@ def test_send_to_training_builds_a_training_set_and_submits_the_fine_tuning(worl
     run = world.proj.catalog.run(res["run_id"])
     assert run.stage == "train" and run.model_id == world.model
     assert run.params["training_set"] == ts.id and run.params["mix_original"] == 0.5 and run.params["steps"] == 20
-    assert run.params["anchor_weight"] == loop.FINETUNE_ANCHOR_WEIGHT > 0                 # L2-SP toward the parent
+    assert run.params["anchor_weight"] == loop.FINETUNE_ANCHOR_WEIGHT                     # the product's defaults
+    assert run.params["ema_decay"] == loop.FINETUNE_EMA_DECAY > 0
     assert {world.img, world.lab} <= set(run.input_product_ids)
     assert submits[-1]["run_id"] == run.id and submits[-1]["profile"] == "local"
     # the training set's labels are the corrected segmentation, reviewed objects only
