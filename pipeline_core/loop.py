@@ -48,8 +48,9 @@ ERROR_FLAG_KINDS = ("merge", "split", "other")
 #: Fine-tuning on reviews (train parameters): the L2-SP pull toward the parent (``anchor_weight``) and the
 #: weight average kept as the model (``ema_decay``). The anchor helped only while the parent had been trained
 #: on the very volume it then segmented (the flagged regions taught it nothing new); with a separate review
-#: volume it held the child back (FlyEM seed 0: errors at the flags 5 -> 5 with it, 5 -> 3 without), so it is
-#: off. bench/loop.py measures these defaults (bench/results/loop.json).
+#: volume it held the child back (FlyEM, same parents and flags: errors at the flags 5 -> 5, 6 -> 6, 6 -> 6 with
+#: it, 5 -> 3, 6 -> 5, 6 -> 5 without; bench/results/loop_variants_three_volumes.json), so it is off.
+#: bench/loop.py measures these defaults (bench/results/loop.json).
 FINETUNE_ANCHOR_WEIGHT = 0.0
 FINETUNE_EMA_DECAY = 0.99
 _GT_TAG = re.compile(r"gt_ids=([0-9,]+)")

@@ -199,17 +199,28 @@ def _edit_fns(proj):
     return merge_fn, split_fn
 
 
-PARENT_STEPS, CHILD_STEPS = 150, 75         # deliberately under-trained parent; bounded fine-tuning
-CHILD_LR = 7e-4
-MIX = 0.0                                   # examples from the original data (bench/loop.py uses 0.5)
+# bench/loop.py's synthetic configuration: the demo network, deliberately under-trained (1,500 steps), fine-tuned
+# for a bounded 400 steps with the product's defaults (loop.FINETUNE_*), half of the examples from the gt block
+PRESET, PARENT_STEPS, CHILD_STEPS, BATCH = "demo", 1500, 400, 4
+CHILD_LR = 1e-3
+MIX = 0.5
+N_SECTIONS = 16                             # the demo network's training window is 9 sections deep
 SEG = {"core_size": [8, 96, 96], "min_size": 50, "max_evals_per_object": 300, "baseline": False,
        "eval_min_size": 1000}
 VI_TOLERANCE = 0.05                         # bits: the child's held-out VI may not exceed the parent's by more
+XFAIL_VI = ("bench/loop.py (this configuration, three disjoint volumes, seeds 0/1/2): on the synthetic volumes the "
+            "under-trained demo network mostly merges (held-out VI ~5.4 bits, ~4 of them merge); the child splits less "
+            "and merges more (as on FlyEM, where the parent mostly splits, so there it gains): 5.418 -> 5.376, 5.375 -> 5.464, 5.531 -> 5.901 (errors at the "
+            "flags 6 -> 5, 5 -> 2, 6 -> 4). On the FlyEM medulla it improves in all three: 4.753 -> 4.616, "
+            "4.689 -> 4.522, 4.758 -> 4.618. The assertion stays so the result shows as XPASS when the child is "
+            "better (seed 0, this test's, is)")
 
 
 @pytest.fixture(scope="module")
 def looped(tmp_path_factory):
-    """The whole loop on a synthetic project (8 x 96 x 192 voxels, two subvolumes)."""
+    """The whole loop on a synthetic project of three disjoint volumes (16 x 190 x 190 each), as in a lab: the
+    parent learns from a ground-truth block, segments a review volume whose labels only the scripted
+    proofreader and the scores read, and parent and child are scored on a held-out volume."""
     if not MPIEXEC.exists():
         pytest.skip("mpiexec not installed next to the interpreter")
     from click.testing import CliRunner
@@ -227,15 +238,16 @@ def looped(tmp_path_factory):
 
     proj = Project.init(tmp_path_factory.mktemp("loop") / "proj", user=USER)
     proj.catalog.add_user(USER, "admin", by=USER)
-    d, e = synth.generate("tiny", seed=0), synth.generate("tiny", seed=1)
-    held = ingest_stack(proj, None, voxel_size=e.voxel_size, image_array=e.image[:, :96, :96],
-                        labels_array=e.labels[:, :96, :96], user=USER, dataset_name="held-out")
-    main = ingest_stack(proj, None, voxel_size=d.voxel_size, image_array=d.image[:, :96, :192],
-                        labels_array=d.labels[:, :96, :192], user=USER)
-    img_id, lab_id = main["image"][1], main["labels"][1]
-    common = {"preset": "tiny", "batch_size": 2, "lr_scaling": "none", "checkpoint_every": 50,
-              "warmup_steps": 10}                   # 2 ranks x 2 examples per step
-    rid = prepare_run(proj, "train", params={**common, "steps": PARENT_STEPS}, input_ids=[img_id, lab_id], user=USER)
+    vols = {k: synth.generate("tiny", seed=s, n_sections=N_SECTIONS) for k, s in (("held-out", 1), ("gt", 2),
+                                                                                   ("review", 0))}
+    ids = {k: ingest_stack(proj, None, voxel_size=d.voxel_size, image_array=d.image, labels_array=d.labels,
+                           user=USER, dataset_name=k) for k, d in vols.items()}   # the review volume last (newest)
+    held = ids["held-out"]
+    gt_ids = [ids["gt"]["image"][1], ids["gt"]["labels"][1]]
+    img_id, lab_id = ids["review"]["image"][1], ids["review"]["labels"][1]
+    common = {"preset": PRESET, "batch_size": BATCH, "lr_scaling": "none", "checkpoint_every": 50,
+              "warmup_steps": 10, "ema_decay": loop.FINETUNE_EMA_DECAY}
+    rid = prepare_run(proj, "train", params={**common, "steps": PARENT_STEPS}, input_ids=gt_ids, user=USER)
     _run_stage("train", proj.root, rid)
     parent = proj.catalog.run(rid).metrics["model_id"]
     rid = prepare_run(proj, "segment", params=SEG, input_ids=[img_id, lab_id], model_id=parent, user=USER)
@@ -248,8 +260,8 @@ def looped(tmp_path_factory):
     out = call("trainset", proj.root, "--segmentation", seg_root, "--user", USER)
     ts = proj.catalog.training_sets()[-1]
     rid = prepare_run(proj, "train", params={**common, "steps": CHILD_STEPS, "training_set": ts.id, "mix_original": MIX,
-                                             "learning_rate": CHILD_LR},
-                      input_ids=[img_id, lab_id], model_id=parent, user=USER)
+                                             "learning_rate": CHILD_LR, "anchor_weight": loop.FINETUNE_ANCHOR_WEIGHT},
+                      input_ids=gt_ids, model_id=parent, user=USER)
     jid = jobs.submit(proj, rid, "local", ranks=2, wait=True, user=USER)          # through the dispatch backend
     assert proj.catalog.run(rid).state == "succeeded", jobs.logs(proj, jid, tail=30)
     child = proj.catalog.run(rid).metrics["model_id"]
@@ -350,22 +362,24 @@ def test_resegment_only_flagged_subvolumes_and_carry_open_flags(looped):
 
 @pytest.mark.slow
 @pytest.mark.mpi
-@pytest.mark.xfail(strict=False, reason="with the tiny FFN (150 + 75 steps, the test's budget) the fine-tuning does not "
-                   "reliably fix the flagged errors on this 8x96x190 volume. bench/loop.py (demo FFN, 1,500 + 400 "
-                   "steps, training regions inside unlabelled real context, L2-SP anchor 10, lr 1e-3; "
-                   "loop_seeds_ctx_anchor.json): FlyEM medulla errors at the flags 5 -> 4, 6 -> 5, 6 -> 5, held-out "
-                   "VI 4.537 -> 4.552, 4.682 -> 4.645, 4.703 -> 4.571 (seeds 0/1/2; the parent's own "
-                   "checkpoints 1200-1500 vary by "
-                   "0.4 on that block); synthetic 6 -> 4 and 5 -> 5, VI 5.57 -> 5.82 and 5.90 -> 5.95. "
-                   "The assertions stay so the result shows as XPASS once the loop improves")
-def test_fine_tuned_model_fixes_flagged_errors_and_vi_not_worse(looped):
+def test_fine_tuned_model_fixes_flagged_errors(looped):
+    """Must-show, first half: the errors at the flagged locations drop, in the comparison (both models segment
+    the same windows afresh) and in the re-segmented product (bench/loop.py, same configuration, seeds 0/1/2:
+    see bench/results/loop.json)."""
     cmp = looped["cmp"]
     e = cmp["errors_at_flags"]
     assert e["child"] < e["parent"], cmp["flags"]             # compare: same windows, both models
-    vi = cmp["held_out_vi"]
-    assert vi["child"] <= vi["parent"] + VI_TOLERANCE, vi     # held-out volume never flagged nor trained on
     n_before, n_after, _ = _errors_before_after(looped)
     assert n_after < n_before, (n_before, n_after)            # in the re-segmented product
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+@pytest.mark.xfail(strict=False, reason=XFAIL_VI)
+def test_fine_tuned_model_held_out_vi_not_worse(looped):
+    """Must-show, second half: VI on a held-out volume (never flagged nor trained on) is not worse."""
+    vi = looped["cmp"]["held_out_vi"]
+    assert vi["child"] <= vi["parent"] + VI_TOLERANCE, vi
 
 
 @pytest.mark.slow
