@@ -2,10 +2,11 @@
 
     python bench/loop.py [--dataset synthetic|flyem|both] [--seeds 0,1,2] [--set KEY=VALUE] [--results FILE]
 
-For each data set: a deliberately under-trained FFN (``parent_steps`` steps) segments the volume
-(MPI job through ``launch.jobs.submit``, 2 ranks); a **scripted proofreader that reads the ground
-truth** flags the largest false merges/splits and fixes them with split/merge edits
-(:func:`pipeline_core.loop.scripted_proofread`, one more error is flagged and left open); a
+For each data set: a deliberately under-trained FFN (``parent_steps`` steps on the gt block) segments
+the review volume (MPI job through ``launch.jobs.submit``, 2 ranks); a **scripted proofreader that
+reads the ground truth** flags the largest false merges/splits and fixes them with split/merge edits,
+checking each flag's window again until the error is gone (:func:`pipeline_core.loop.scripted_proofread`;
+one more error is flagged and left open); a
 training set is built from the confirmed flags (:func:`pipeline_core.loop.build_training_set`); the
 parent is fine-tuned on it (mixed with the original data at ``mix``) for ``child_steps`` steps (train
 job, 2 ranks); parent and child are compared (:func:`pipeline_core.loop.compare_from_catalog`); the

@@ -29,7 +29,15 @@ Method
    dependence on the node grid, which is anchored to the fixed section's frame
    (on ISBI 2012 the node-grid fit moved by 0.3–0.5 px when both sections were
    shifted by 20–35 px; pair estimates under random rigid perturbations:
-   0.84–0.95 → 0.45–0.50 px RMS).  Each pair carries
+   0.84–0.95 → 0.45–0.50 px RMS).  Strongly non-rigid pairs have several
+   rigid optima (on ISBI 2012 sections 9–10: +3.0° and −2.5°, 24 px apart), and
+   which one a single start reaches depends on the crop, so the refinement starts
+   from the ``rigid_hypotheses`` best distinct angle peaks, each at the peak angle
+   and ± the ``rigid_hypothesis_offsets_deg`` (the polish converges to nearby
+   shallow optima ~1 px apart), and keeps the result with the highest NCC of the
+   band-passed sections over their common area (:func:`_pair_score`); results
+   within ``rigid_tie_margin`` of the best are compared at twice the band-pass σ.
+   Each pair carries
    an inverse-variance ``weight`` (n_inliers / rms² × match fraction²) for the
    stack solve.
 2. Stack solve (:func:`solve_rigid_stack`): pairs ``(z, z−k)`` for
@@ -138,10 +146,16 @@ class AlignParams:
     refine_method: str = "dense"  #: "dense" (windowed local correlation on a dense node grid, ≈ translation/rotation-equivariant) or "blocks" (phase-correlated blocks)
     refine_polish: bool = True  #: finish each pair with a Gauss–Newton fit over the whole common area (no frame-anchored grid)
     refine_polish_sigma: float = 0.8  #: … on sections band-passed at this σ (binned px) − 4σ
+    rigid_tie_margin: float = 0.05  #: hypotheses scoring within this fraction of the best are a tie …
+    rigid_tie_sigma_factor: float = 2.0  #: … broken by the score at this × the polish σ
+    rigid_hypotheses: int = 2  #: coarse angle peaks refined per pair; the best-scoring refined one is kept
+    rigid_hypothesis_sep_deg: float = 1.0  #: … at least this far apart
+    rigid_hypothesis_offsets_deg: tuple = (0.0, -0.6, 0.6)  #: each peak is refined from its angle + each of these offsets
     max_refine_rms: float = 10.0  #: a pair estimate whose block residual RMS exceeds this (px) is not used
     min_inlier_fraction: float = 0.5  #: … nor one where fewer refinement blocks agree with the fit
     long_range: int = 2  #: coarse pairs to z−1 … z−long_range
     long_range_min_match: float = 0.5  #: a pair beyond the nearest one is used only when this share of its common area correlates
+    long_range_drop_first: bool = True  #: the robust stack solve drops inconsistent long-range pairs before nearest ones
     max_pair_residual: float = 8.0  #: stack solve drops pairs whose translation residual exceeds this (px)
     max_pair_angle_residual_deg: float = 1.5
     elastic: bool = True  #: run the fine (elastic) stage
@@ -176,7 +190,7 @@ class AlignParams:
 
     def validate(self) -> None:
         """Raise :class:`InputError` naming the first bad parameter."""
-        for name in ("block", "stride", "max_flow", "max_flow_refine", "coarse_size", "long_range", "refine_iterations", "flow_scale", "flow_long_range"):
+        for name in ("block", "stride", "max_flow", "max_flow_refine", "coarse_size", "long_range", "refine_iterations", "flow_scale", "flow_long_range", "rigid_hypotheses"):
             if not int(getattr(self, name)) >= 1:
                 raise InputError(f"align parameter {name}={getattr(self, name)!r} must be >= 1")
         if self.max_flow * 2 >= self.block:
@@ -184,6 +198,18 @@ class AlignParams:
         for name in ("stiffness", "anchor", "max_pair_residual"):
             if not getattr(self, name) > 0:
                 raise InputError(f"align parameter {name}={getattr(self, name)!r} must be > 0")
+        for name in ("rigid_tie_margin", "rigid_hypothesis_sep_deg"):
+            if not float(getattr(self, name)) >= 0:
+                raise InputError(f"align parameter {name}={getattr(self, name)!r} must be >= 0")
+        if not float(self.rigid_tie_sigma_factor) > 0:
+            raise InputError(f"align parameter rigid_tie_sigma_factor={self.rigid_tie_sigma_factor!r} must be > 0")
+        try:
+            self.rigid_hypothesis_offsets_deg = tuple(float(v) for v in self.rigid_hypothesis_offsets_deg)
+        except (TypeError, ValueError):
+            raise InputError(f"align parameter rigid_hypothesis_offsets_deg={self.rigid_hypothesis_offsets_deg!r} "
+                             "must be a list of angles (degrees)") from None
+        if not self.rigid_hypothesis_offsets_deg:
+            raise InputError("align parameter rigid_hypothesis_offsets_deg must hold at least one angle (e.g. [0])")
         if self.refine_method not in ("dense", "blocks"):
             raise InputError(f"align parameter refine_method={self.refine_method!r} must be 'dense' or 'blocks'")
 
@@ -306,7 +332,9 @@ def search_rotation(
     valid_fixed: np.ndarray | None = None,
     valid_moving: np.ndarray | None = None,
     step_deg: float | None = None,
-) -> tuple[float, float, float, float]:
+    n_candidates: int = 1,
+    min_separation_deg: float = 1.0,
+):
     """Rotation and translation by exhaustive angle search on small images.
 
     For each candidate θ in [−max, max] (step ≈ 1 px of arc at the image edge)
@@ -344,14 +372,29 @@ def search_rotation(
         fy, fx = subpixel_parabolic(surf, iy, ix)
         peaks[k] = float(pk)
         results.append((float(iy + fy), float(ix + fx), float(pk / sec) if sec > 0 else float("inf")))
-    k = int(np.argmax(peaks))
-    th = angles[k]
-    if 0 < k < len(angles) - 1:
-        den = peaks[k - 1] - 2 * peaks[k] + peaks[k + 1]
-        if den < 0:
-            th += step_deg * float(np.clip(0.5 * (peaks[k - 1] - peaks[k + 1]) / den, -0.5, 0.5))
-    dy, dx, ratio = results[k]
-    return math.radians(th), dy, dx, ratio
+    def at(k):
+        th = angles[k]
+        if 0 < k < len(angles) - 1:
+            den = peaks[k - 1] - 2 * peaks[k] + peaks[k + 1]
+            if den < 0:
+                th += step_deg * float(np.clip(0.5 * (peaks[k - 1] - peaks[k + 1]) / den, -0.5, 0.5))
+        dy, dx, ratio = results[k]
+        return math.radians(th), dy, dx, ratio
+
+    if n_candidates <= 1:
+        return at(int(np.argmax(peaks)))
+    # distinct local maxima of the peak-vs-angle curve, best first, ≥ min_separation_deg apart
+    order = np.argsort(-peaks, kind="stable")
+    picked: list[int] = []
+    for k in order:
+        k = int(k)
+        is_max = (k == 0 or peaks[k] >= peaks[k - 1]) and (k == len(angles) - 1 or peaks[k] >= peaks[k + 1])
+        if not is_max or any(abs(angles[k] - angles[j]) < min_separation_deg for j in picked):
+            continue
+        picked.append(k)
+        if len(picked) >= n_candidates:
+            break
+    return [at(k) + (float(peaks[k]),) for k in picked]
 
 
 def estimate_rigid(
@@ -382,9 +425,13 @@ def estimate_rigid(
     vfs = None if valid_fixed is None else _downsample(valid_fixed.astype(_F32), f) > 0.5
     vms = None if valid_moving is None else _downsample(valid_moving.astype(_F32), f) > 0.5
     max_t = p.max_translation if p.max_translation is not None else max(h, w) / 3.0
-    theta, dy, dx, t_ratio = search_rotation(fs_, ms_, p.max_rotation_deg, max(2.0, max_t / f), valid_fixed=vfs, valid_moving=vms)
+    cands = search_rotation(fs_, ms_, p.max_rotation_deg, max(2.0, max_t / f), valid_fixed=vfs, valid_moving=vms,
+                            n_candidates=max(1, int(p.rigid_hypotheses)), min_separation_deg=p.rigid_hypothesis_sep_deg)
+    if max(1, int(p.rigid_hypotheses)) <= 1:
+        cands = [cands + (0.0,)]
+    theta, dy, dx, t_ratio, _ = cands[0]
     rot_ratio = t_ratio
-    # mov_in_fixed(q) ≈ fixed(q − d)  ⇒ moving(p) ≈ fixed(R0 p − d)   (small frame)
+    # mov_in_fixed(q) ≈ fixed(q − d)  ⇒  moving(p) ≈ fixed(R0 p − d)   (small frame)
     A = rigid_matrix(theta, -dy * f, -dx * f, cen)
     out = {"matrix": A, "angle_deg": math.degrees(theta), "n_blocks": 0, "n_inliers": 0, "rms": math.nan, "ok": False, "reason": "refine_failed", "rotation_peak_ratio": rot_ratio, "translation_peak_ratio": t_ratio}
     # refinement by block correspondences on sections binned by refine_scale
@@ -395,24 +442,43 @@ def estimate_rigid(
     mr = _downsample(moving, rf)
     vfr = None if valid_fixed is None else _downsample(valid_fixed.astype(_F32), rf) > 0.5
     vmr = None if valid_moving is None else _downsample(valid_moving.astype(_F32), rf) > 0.5
-    refine = _refine_rigid_dense if p.refine_method == "dense" else _refine_rigid
-    A_s, n_blocks, inl, res = refine(fr, mr, Si @ A @ S, p, vfr, vmr)
+    hyps = []
+    offs = tuple(p.rigid_hypothesis_offsets_deg) if len(cands) > 1 or int(p.rigid_hypotheses) > 1 else (0.0,)
+    for th_k, dy_k, dx_k, _r, pk_k in cands:
+        for off in offs:
+            A_k = rigid_matrix(th_k + math.radians(off), -dy_k * f, -dx_k * f, cen)
+            hk = _refine_hypothesis(fr, mr, Si @ A_k @ S, p, vfr, vmr)
+            hk["coarse_deg"] = math.degrees(th_k) + off
+            hk["coarse_peak"] = pk_k
+            hyps.append(hk)
+    best = 0
+    if len(hyps) > 1:
+        scores = [hk["score"] if hk["A_s"] is not None else -np.inf for hk in hyps]
+        best = int(np.argmax(scores))
+        if p.rigid_tie_margin > 0 and np.isfinite(scores[best]) and scores[best] > 0:
+            # near-ties at the polish scale (a non-rigid pair with two rigid compromises): the coarser scale decides
+            tied = [k for k, sc in enumerate(scores) if sc >= (1.0 - p.rigid_tie_margin) * scores[best]]
+            if len(tied) > 1:
+                pc = dataclasses.replace(p, refine_polish_sigma=p.refine_polish_sigma * p.rigid_tie_sigma_factor)
+                sc2 = [_pair_score(fr, mr, hyps[k]["A_s"], vfr, vmr, pc) for k in tied]
+                best = tied[int(np.argmax(sc2))]
+        out["hypotheses"] = [{"coarse_deg": round(hk["coarse_deg"], 3), "coarse_peak": round(float(hk["coarse_peak"]), 4),
+                              "angle_deg": None if hk["A_s"] is None else round(math.degrees(matrix_angle(hk["A_s"])), 3),
+                              "score": None if hk["A_s"] is None or not np.isfinite(hk["score"]) else round(float(hk["score"]), 5),
+                              "matrix": None if hk["A_s"] is None else (S @ hk["A_s"] @ Si).tolist()} for hk in hyps]
+        out["chosen_hypothesis"] = best
+    hb = hyps[best]
+    A_s, n_blocks, inl, res = hb["A_s"], hb["n_blocks"], hb["inl"], hb["res"]
     out["n_blocks"] = n_blocks
     if A_s is None:
         out.update(n_inliers=int(inl.sum()) if inl is not None else 0, reason="too_few_blocks")
         return out
-    if p.refine_polish:
-        A_p = _refine_rigid_global(fr, mr, A_s, vfr, vmr, sigma=p.refine_polish_sigma)
-        corners = np.array([[0.0, 0.0], [0.0, fr.shape[1] - 1.0], [fr.shape[0] - 1.0, 0.0], [fr.shape[0] - 1.0, fr.shape[1] - 1.0]])
-        # a polish that wanders off (> 4 binned px at a corner: another optimum) is not trusted
-        if np.all(np.isfinite(A_p)) and np.hypot(*(_apply(A_p, corners) - _apply(A_s, corners)).T).max() <= 4.0:
-            A_s = A_p
     A = S @ A_s @ Si
     rms = float(np.sqrt(np.mean(res[inl] ** 2))) * rf if inl.any() else math.nan
     # confidence: n_inliers / rms² (inverse variance), times the squared share of the
     # common area that correlates at all (pairs whose content has mostly changed —
     # e.g. z−2 pairs of 50 nm ssTEM — have several equally good local optima)
-    mf = getattr(refine, "last_match_fraction", 1.0) if refine is _refine_rigid_dense else (int(inl.sum()) / max(1, n_blocks))
+    mf = hb["match_fraction"]
     out["match_fraction"] = float(mf)
     out["weight"] = float(inl.sum()) / max(rms, 0.5) ** 2 * mf**2 if inl.any() else 0.0
     n_in = int(inl.sum())
@@ -427,6 +493,50 @@ def estimate_rigid(
         reason="ok" if ok else ("too_few_inliers" if not enough else "high_rms"),
     )
     return out
+
+def _refine_hypothesis(fr, mr, A_s, p: AlignParams, vfr, vmr) -> dict:
+    """Refine (and polish) one coarse hypothesis ``A_s`` (binned frame); score it over the common area."""
+    refine = _refine_rigid_dense if p.refine_method == "dense" else _refine_rigid
+    A_s, n_blocks, inl, res = refine(fr, mr, A_s, p, vfr, vmr)
+    out = {"A_s": A_s, "n_blocks": n_blocks, "inl": inl, "res": res, "refine": refine, "score": -np.inf}
+    if A_s is None:
+        out["match_fraction"] = 0.0
+        return out
+    out["match_fraction"] = float(getattr(refine, "last_match_fraction", 1.0) if refine is _refine_rigid_dense
+                                  else (int(inl.sum()) / max(1, n_blocks)))
+    if p.refine_polish:
+        A_p = _refine_rigid_global(fr, mr, A_s, vfr, vmr, sigma=p.refine_polish_sigma)
+        corners = np.array([[0.0, 0.0], [0.0, fr.shape[1] - 1.0], [fr.shape[0] - 1.0, 0.0], [fr.shape[0] - 1.0, fr.shape[1] - 1.0]])
+        # a polish that wanders off (> 4 binned px at a corner: another optimum) is not trusted
+        if np.all(np.isfinite(A_p)) and np.hypot(*(_apply(A_p, corners) - _apply(A_s, corners)).T).max() <= 4.0:
+            A_s = A_p
+    out["A_s"] = A_s
+    if int(p.rigid_hypotheses) > 1:
+        out["score"] = _pair_score(fr, mr, A_s, vfr, vmr, p)
+    return out
+
+
+def _pair_score(fixed, moving, A, valid_fixed, valid_moving, p: AlignParams) -> float:
+    """NCC of the band-passed sections over the pixels both contain under ``moving(q) ≈ fixed(A q)``."""
+    h, w = fixed.shape
+    sig = p.refine_polish_sigma
+    vf = np.ones((h, w), dtype=bool) if valid_fixed is None else np.asarray(valid_fixed, dtype=bool)
+    fa = _bandpass(fixed, vf, sig, 4.0 * sig)
+    mb = _bandpass(moving, None if valid_moving is None else np.asarray(valid_moving, bool), sig, 4.0 * sig)
+    Ai = np.linalg.inv(A)
+    qy = np.arange(h, dtype=np.float64)[:, None]
+    qx = np.arange(w, dtype=np.float64)[None, :]
+    sy = (Ai[0, 0] * qy + Ai[0, 1] * qx + Ai[0, 2]).astype(_F32)
+    sx = (Ai[1, 0] * qy + Ai[1, 1] * qx + Ai[1, 2]).astype(_F32)
+    wb = ndi.map_coordinates(mb, [sy, sx], order=1, cval=0.0, prefilter=False)
+    m = vf & (sy >= 0) & (sy <= h - 1) & (sx >= 0) & (sx <= w - 1)
+    if valid_moving is not None:
+        m &= ndi.map_coordinates(np.asarray(valid_moving, _F32), [sy, sx], order=0, cval=0.0, prefilter=False) > 0.5
+    m = ndi.binary_erosion(m, iterations=int(math.ceil(2 * sig)))
+    if m.sum() < 100:
+        return -np.inf
+    return float(ncc(fa, wb, m))
+
 
 def _refine_rigid_dense(fixed, moving, A, p: AlignParams, valid_fixed=None, valid_moving=None):
     """Dense refinement of ``moving(p) ≈ fixed(A p)`` (one scale).
@@ -662,6 +772,7 @@ def solve_rigid_stack(
     max_residual: float = 3.0,
     max_angle_residual_deg: float = 0.5,
     weights: Sequence[float] | None = None,
+    drop_first: Sequence[bool] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Rigid transforms of ``n`` sections into a common frame from pairwise estimates.
 
@@ -669,7 +780,8 @@ def solve_rigid_stack(
     Solves ``θ_b − θ_a = φ_ab`` then ``t_b − t_a = R(θ_a) s_ab`` (rotation about
     ``center``) by least squares with a spring ``anchor`` to the identity;
     pairs inconsistent by more than ``max_residual`` px / ``max_angle_residual_deg``
-    are dropped (worst first).  ``weights`` (len(pairs), optional): relative
+    are dropped (worst first; with ``drop_first``, a bool per pair, the worst
+    inconsistent pair among those flagged goes before any other).  ``weights`` (len(pairs), optional): relative
     confidence of each pair (inverse variance; default 1).  Sections with no usable pair are interpolated
     from their nearest neighbours in z.  Returns ``(T list of 3×3 input→stack,
     inlier bool (len(pairs),))``.
@@ -736,6 +848,11 @@ def solve_rigid_stack(
         worst = idx[np.argmax(score[idx])]
         if score[worst] <= 1.0:
             break
+        if drop_first is not None:
+            # an inconsistency involving a secondary (long-range) pair drops that pair before any primary one
+            sec = idx[np.asarray(drop_first, dtype=bool)[idx] & (score[idx] > 1.0)]
+            if sec.size:
+                worst = sec[np.argmax(score[sec])]
         inl[worst] = False
     # T_z maps section z's input coordinates into the stack frame.  For a pair,
     # b(p) ≈ a(A p) and T_b = T_a ∘ A; we parametrised T_z = R(θ_z)(p − c) + c + t_z,
@@ -1355,7 +1472,7 @@ def solve_stack_from_pairs(n: int, pair_info: Sequence[dict], shape: tuple[int, 
         wv = np.ones(len(okd))
     T, inl = solve_rigid_stack(
         n, pairs, cen, usable=usable, max_residual=params.max_pair_residual, max_angle_residual_deg=params.max_pair_angle_residual_deg,
-        weights=wv,
+        weights=wv, drop_first=[d["a"] != nearest[d["b"]] for d in okd] if params.long_range_drop_first else None,
     )
     coarse_ok = [False] * n
     for (a, b, _), g in zip(pairs, inl):

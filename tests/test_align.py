@@ -222,8 +222,15 @@ def test_isbi_known_rigid_misalignments(shared_data):
     triangle 8→9→10 vs 8→10 is inconsistent by 1.8–4.5° in both runs.  Also using the z−2 pairs
     around weak nearest pairs gave 1.7 / 10.9 / 7.4 px (worse for seed 1), because z−2 pairs on this
     stack are as unreliable (4→6 disagrees by 233 px).  So this bound is a regression check for one
-    perturbation, not a general guarantee; the QC reports sections 9–10.  The test checks that the
-    previous estimator (no polish, z−2 pairs always used) scores worse than the
+    perturbation, not a general guarantee; the QC reports sections 9–10.  Session 9: the rigid pair
+    estimate now refines the 2 best distinct coarse angle peaks, each from its angle and ±0.6°, and
+    keeps the best band-passed NCC over the common area (near-ties: at 2σ); the stack solve drops an
+    inconsistent z−2 pair before a nearest one (seed 2's 9→11 estimate, match 0.51, had pushed out
+    9→10).  Per pair the two runs then agree to 0.04–1.0 px for all three seeds (9→10: 0.06–0.15,
+    10→11: 0.5–1.0, whose two rigid compromises +1.2° / −0.8° score within 3 % at the polish σ), and the
+    chain scores 0.91 / 0.77 / 0.79 px (seeds 1 / 2 / 3), checked below for all three.  The remaining
+    ~0.2–0.9 px per pair is the crop (see above), so 0.5 px is still not met.  The test checks that the
+    previous estimator (no polish, one coarse hypothesis, z−2 pairs always used) scores worse than the
     bound, so the metric discriminates."""
     import tifffile
 
@@ -238,10 +245,16 @@ def test_isbi_known_rigid_misalignments(shared_data):
     n_orig = np.mean([ncc(stack[z - 1][inner], stack[z][inner]) for z in range(1, len(stack))])
     n_out = np.mean([ncc(r1.stack[z - 1][inner], r1.stack[z][inner]) for z in range(1, len(stack))])
     assert n_out >= 0.95 * n_orig
-    bound = 1.4  # measured 1.03 px, with margin
+    bound = 1.4  # measured 0.91 px (1.03 before the multi-hypothesis rigid estimate), with margin
     assert score <= bound, score
+    for seed in (2, 3):  # measured 0.77 / 0.79 px (13.4 / 8.0 px with a single coarse hypothesis)
+        mis_s, P_s = _perturb(stack, 2.0, 40.0, seed=seed)
+        rs = align_stack(mis_s, {"elastic": False})
+        s_score = _rms_modulo_common_affine(_rigid_points(rs.transforms, g, P_s), _rigid_points(r0.transforms, g))
+        assert s_score <= bound, (seed, s_score)
     # a worse estimator fails the same measurement
-    bad = {"elastic": False, "refine_polish": False, "long_range_min_match": 0.0}
+    bad = {"elastic": False, "refine_polish": False, "long_range_min_match": 0.0, "rigid_hypotheses": 1,
+           "long_range_drop_first": False}
     b1, b0 = align_stack(mis, bad), align_stack(stack, bad)
     bad_score = _rms_modulo_common_affine(_rigid_points(b1.transforms, g, P), _rigid_points(b0.transforms, g))
     assert bad_score > bound, bad_score

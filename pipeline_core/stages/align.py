@@ -71,6 +71,9 @@ PARAM_HELP = {
     "suspicious_outliers": "QC: suspicious above this flow outlier fraction",
     "fail_outliers": "QC: failed above this flow outlier fraction",
     "suspicious_ncc_drop": "QC: suspicious when NCC to the previous section drops this much below the stack median",
+    "rigid_hypotheses": "rotation peaks of the coarse search refined per section pair; the best-scoring fit is kept",
+    "rigid_hypothesis_offsets_deg": "each peak is also refined from these angle offsets (degrees)",
+    "long_range_drop_first": "the robust stack solve drops inconsistent long-range pairs before nearest ones",
 }
 
 _TEX_BLOCK = 32
