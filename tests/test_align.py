@@ -157,6 +157,11 @@ def test_align_stack_rejects_a_2d_array():
 def test_bad_align_parameter_names_itself():
     with pytest.raises(InputError, match="max_flow"):
         AlignParams.from_dict({"max_flow": 40, "block": 32})
+    for bad, name in (({"rigid_hypotheses": 0}, "rigid_hypotheses"), ({"rigid_tie_margin": -1}, "rigid_tie_margin"),
+                      ({"rigid_hypothesis_offsets_deg": "abc"}, "rigid_hypothesis_offsets_deg"),
+                      ({"rigid_hypothesis_offsets_deg": []}, "rigid_hypothesis_offsets_deg")):
+        with pytest.raises(InputError, match=name):
+            AlignParams.from_dict(bad)
 
 
 def _rigid_points(transforms, g, P=None):

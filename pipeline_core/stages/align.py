@@ -73,6 +73,9 @@ PARAM_HELP = {
     "suspicious_ncc_drop": "QC: suspicious when NCC to the previous section drops this much below the stack median",
     "rigid_hypotheses": "rotation peaks of the coarse search refined per section pair; the best-scoring fit is kept",
     "rigid_hypothesis_offsets_deg": "each peak is also refined from these angle offsets (degrees)",
+    "rigid_hypothesis_sep_deg": "rotation peaks refined as separate hypotheses are at least this far apart (degrees)",
+    "rigid_tie_margin": "hypotheses scoring within this fraction of the best are a tie, decided at a coarser scale",
+    "rigid_tie_sigma_factor": "the coarser scale of a tie: this many times the polish smoothing",
     "long_range_drop_first": "the robust stack solve drops inconsistent long-range pairs before nearest ones",
 }
 
