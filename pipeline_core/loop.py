@@ -317,7 +317,8 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
     ``check_half`` (default: a training region's, :func:`region_half` of the segmentation's model)
     around each flag with :func:`errors_at` and, while the flagged error is still there, make
     follow-up edits (at most ``max_rounds``): a segment still holding two of a merge flag's gt
-    objects is split at one seed per object; a piece of a split flag's object is merged into the
+    objects is split with seeds on each object's parts (``split_fn(..., groups=...)``, see
+    :func:`viewers.edits.split_segment`); a piece of a split flag's object is merged into the
     main piece, first split off its segment when most of that segment is another object. A flag
     still failing the check afterwards is recorded in ``unfixed`` (its status stays ``fixed``: the
     edits were made). ``check=False``: one edit per flag, no check.
@@ -423,8 +424,6 @@ def _follow_up_edits(project: Project, pid: int, gt: np.ndarray, flag, rec: dict
 
         def split(pid, sid, masks):
             seeds, groups = seeds_of(masks)
-            if len(seeds) == len(masks):
-                return int(split_fn(pid, sid, seeds, flag.id))
             return int(split_fn(pid, sid, seeds, flag.id, groups=groups))
         acted = False
         if rec["kind"] == "merge":

@@ -96,6 +96,17 @@ def test_aux_boundary_loss_trains_resumes_and_leaves_the_network_alone(tmp_path)
         train.TrainParams(aux_boundary_weight=-1)
 
 
+def _assert_resumed_run_ends_where_straight_one_does(cfg, vols, straight, resumed, kw, init, stop, steps):
+    """Train ``resumed`` to ``stop`` steps, then again to ``steps`` (a resume); its model must equal ``straight``'s
+    (already trained to ``steps`` with the same parameters ``kw``)."""
+    for n in (stop, steps):
+        train.train(cfg, vols, resumed, train.TrainParams(steps=n, **kw), init_weights=init)
+    m_s, _ = train.load_model(straight)
+    m_r, _ = train.load_model(resumed)
+    for u, v in zip(m_s.get_weights(), m_r.get_weights()):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
 def test_anchor_weight_keeps_a_fine_tuned_child_near_its_parent_and_resumes_exactly(tmp_path):
     """L2-SP fine-tuning: ``anchor_weight`` adds anchor_weight * (w - w_parent) to every gradient, so the child
     drifts less from the parent than without it; the anchor is the parent (not the checkpoint a run resumes
@@ -114,14 +125,8 @@ def test_anchor_weight_keeps_a_fine_tuned_child_near_its_parent_and_resumes_exac
                 init_weights=parent)
     free, anch = drift(tmp_path / "free"), drift(tmp_path / "anch")
     assert 0 < anch < 0.5 * free, (anch, free)
-    train.train(cfg, [(img, lab)], tmp_path / "res", train.TrainParams(steps=4, anchor_weight=10.0, **kw),
-                init_weights=parent)
-    train.train(cfg, [(img, lab)], tmp_path / "res", train.TrainParams(steps=12, anchor_weight=10.0, **kw),
-                init_weights=parent)
-    m_a, _ = train.load_model(tmp_path / "anch")
-    m_r, _ = train.load_model(tmp_path / "res")
-    for u, v in zip(m_a.get_weights(), m_r.get_weights()):
-        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    _assert_resumed_run_ends_where_straight_one_does(cfg, [(img, lab)], tmp_path / "anch", tmp_path / "res",
+                                                     dict(anchor_weight=10.0, **kw), parent, 4, 12)
     with pytest.raises(InputError, match="anchor_weight"):
         train.TrainParams(anchor_weight=-1)
     with pytest.raises(InputError, match="anchor_weight.*parent"):
@@ -149,14 +154,8 @@ def test_ema_model_is_the_weight_average_and_resumes_exactly(tmp_path):
     assert any(not np.allclose(u, w) for u, w in zip(m.get_weights(), raw))  # not the last step's weights
     train.train(cfg, [(img, lab)], tmp_path / "straight", train.TrainParams(steps=8, checkpoint_every=4, **kw),
                 init_weights=init)
-    train.train(cfg, [(img, lab)], tmp_path / "res", train.TrainParams(steps=4, checkpoint_every=4, **kw),
-                init_weights=init)
-    train.train(cfg, [(img, lab)], tmp_path / "res", train.TrainParams(steps=8, checkpoint_every=4, **kw),
-                init_weights=init)
-    m_s, _ = train.load_model(tmp_path / "straight")
-    m_r, _ = train.load_model(tmp_path / "res")
-    for u, v in zip(m_s.get_weights(), m_r.get_weights()):
-        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    _assert_resumed_run_ends_where_straight_one_does(cfg, [(img, lab)], tmp_path / "straight", tmp_path / "res",
+                                                     dict(checkpoint_every=4, **kw), init, 4, 8)
     with pytest.raises(InputError, match="ema_decay"):
         train.TrainParams(ema_decay=1.0)
 

@@ -392,29 +392,16 @@ def test_scripted_proofreader_on_flyem_medulla(shared_data, tmp_path):
     crop = (slice(0, 32), slice(0, 96), slice(0, 96))
     img = tifffile.imread(base / "raw_z000-149.tif")[crop]
     gt = tifffile.imread(base / "gt_neuron_ids_z000-149.tif")[crop].astype(np.uint32)
-    proj = Project.init(tmp_path / "proj", user=USER)
-    o = ingest_stack(proj, None, voxel_size=(10, 10, 10), image_array=img, labels_array=gt, user=USER)
-    from pipeline_core.ffn.model import preset
-    cfg = preset("tiny", voxel_size=(10, 10, 10), image_mean=float(img.mean()), image_std=float(img.std()))
-    m = proj.catalog.add_model("", preset="tiny", user=USER)
-    mdir = proj.model_dir(m.id)
-    mdir.mkdir(parents=True, exist_ok=True)
-    (mdir / "config.json").write_text(json.dumps({"ffn": cfg.to_dict()}))
-    proj.catalog.update_model(m.id, path=proj.relpath(mdir))
     ids, sizes = np.unique(gt[gt > 0], return_counts=True)
     big = [int(i) for i in ids[np.argsort(-sizes)]][:8]
     a = next((x, y) for x in big for y in big if x < y and (ndi.binary_dilation(gt == x) & (gt == y)).sum() > 50)
     seg = gt.astype(np.uint64).copy()
     seg[seg == a[1]] = a[0]                                            # a false merge
-    run = proj.catalog.create_run("segment", params={}, inputs=[o["image"][1]], model_id=m.id, user=USER)
-    out = proj.root / "products" / "segment" / f"{run.id}.ome.zarr"
-    digest = store.write_volume(out, seg, (10, 10, 10), kind="labels")
-    proj.catalog.set_run_state(run.id, "running", user=USER)
-    p = proj.catalog.add_product("segmentation", proj.relpath(out), run_id=run.id, shape=seg.shape, dtype="uint64",
-                                 voxel_size=(10, 10, 10), content_hash=digest, user=USER)
-    proj.catalog.set_run_state(run.id, "succeeded", user=USER)
+    proj = Project.init(tmp_path / "proj", user=USER)
+    pid, lab_id, cfg = _planted_segmentation(proj, img, gt, (10.0, 10.0, 10.0), seg)
+    p = proj.catalog.product(pid)
     merge_fn, split_fn = _edit_fns(proj)
-    pr = loop.scripted_proofread(proj, p.id, o["labels"][1], merge_fn=merge_fn, split_fn=split_fn, n_merges=1,
+    pr = loop.scripted_proofread(proj, p.id, lab_id, merge_fn=merge_fn, split_fn=split_fn, n_merges=1,
                                  n_splits=0, n_open=0, min_size=1000, min_overlap=100)
     assert [f["kind"] for f in pr["flags"]] == ["merge"] and sorted(pr["flags"][0]["gt_ids"]) == sorted(a)
     cur = store.read_volume(proj.abspath(proj.catalog.product(pr["product_id"]).path))
