@@ -55,7 +55,7 @@ CONFIG = {
     # None = the product's fine-tuning defaults (pipeline_core.loop.FINETUNE_ANCHOR_WEIGHT, FINETUNE_EMA_DECAY).
     # ema_decay: both parent and child keep a weight average as the model (steadier held-out scores).
     "synthetic": dict(parent_steps=1500, child_steps=400, batch_size=4, lr_scaling="none", core_size=[8, 96, 96],
-                      min_size=1000, min_overlap=100, merges=3, splits=3, eval_min_size=1000, min_seg=50,
+                      min_size=1000, min_overlap=100, merges=3, splits=3, flags=None, eval_min_size=1000, min_seg=50,
                       child_lr=1e-3, anchor_weight=None, child_ema_decay=None, mix=0.5, max_evals=300, preset="demo", n_sections=16, seed=0, ema_decay=0.99,
                       gt_seed=2, review_seed=0, held_out_seed=1),
     # held-out block: the FFN bench's (z 100-149, y,x 50-199: 25 neurons >= 1000 voxels). The earlier one (the last
@@ -63,7 +63,7 @@ CONFIG = {
     # (bench/results/loop_seeds_small_holdout.json). The review volume is 72 x 128 x 128 to keep the bench to
     # minutes on 2 CPU cores; the gt block is its diagonal neighbour (72 x 122 x 122).
     "flyem": dict(parent_steps=1500, child_steps=400, batch_size=4, lr_scaling="none", mix=0.5, core_size=[48, 64, 64],
-                  child_lr=1e-3, anchor_weight=None, child_ema_decay=None, min_size=1000, min_overlap=100, merges=3,
+                  child_lr=1e-3, anchor_weight=None, child_ema_decay=None, min_size=1000, min_overlap=100, merges=3, flags=None,
                   splits=3, eval_min_size=1000, min_seg=50, max_evals=300, preset="demo", seed=0, ema_decay=0.99,
                   gt_box=(slice(0, 72), slice(128, 250), slice(128, 250)),
                   review_box=(slice(0, 72), slice(0, 128), slice(0, 128)),
@@ -147,7 +147,7 @@ def run_loop(name: str, root: Path, log=print) -> dict:
         return edits.split_segment(proj, pid, segment, seeds, USER, flag_id=flag_id, groups=groups).product.id
 
     pr = loop.scripted_proofread(proj, seg_root, lab_id, merge_fn=merge_fn, split_fn=split_fn,
-                                 n_merges=cfg["merges"], n_splits=cfg["splits"], n_open=1, min_size=cfg["min_size"],
+                                 n_merges=cfg["merges"], n_splits=cfg["splits"], n_flags=cfg.get("flags"), n_open=1, min_size=cfg["min_size"],
                                  min_overlap=cfg["min_overlap"])
     log(f"[{name}] scripted proofreader (ground truth): {pr['errors_found']} errors, fixed {len(pr['flags'])} "
         f"with {len(pr['edits'])} edits (still there after them: {pr['unfixed'] or 'none'}), "

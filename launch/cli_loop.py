@@ -65,6 +65,8 @@ def _edit_fns(project: Project, user: str):
 @click.option("--gt", "gt_id", required=True, type=int, help="ground-truth labels product (same shape)")
 @click.option("--merges", default=3, show_default=True, help="largest false merges to flag and split")
 @click.option("--splits", default=3, show_default=True, help="largest false splits to flag and merge")
+@click.option("--flags", "n_flags", default=None, type=click.IntRange(min=0),
+              help="instead of --merges/--splits: the N largest errors whatever their kind")
 @click.option("--open", "n_open", default=1, show_default=True, help="further errors flagged but left open")
 @click.option("--min-size", default=1000, show_default=True, help="gt objects smaller than this are ignored (voxels)")
 @click.option("--min-overlap", default=100, show_default=True, help="voxels a piece needs to count")
@@ -72,8 +74,12 @@ def _edit_fns(project: Project, user: str):
 @click.option("--check/--no-check", default=True, show_default=True,
               help="look again after each edit and keep editing until the flagged error is gone from its training "
                    "region (--no-check: one edit per flag)")
+@click.option("--clean/--no-clean", default=False, show_default=True,
+              help="with --check: then also split other objects off the reviewed segments inside the region (the "
+                   "training set labels those segments)")
 @click.option("--user", default=None, help="recorded as the author of the edits [default: login name]")
-def proofread_auto(project, seg_id, gt_id, merges, splits, n_open, min_size, min_overlap, holdout_z, check, user):
+def proofread_auto(project, seg_id, gt_id, merges, splits, n_flags, n_open, min_size, min_overlap, holdout_z, check,
+                   clean, user):
     """SCRIPTED proofreader for demos/tests: flags the largest errors FROM GROUND TRUTH and fixes them by edits."""
     from pipeline_core import loop
     p = Project.open(project)
@@ -86,8 +92,9 @@ def proofread_auto(project, seg_id, gt_id, merges, splits, n_open, min_size, min
         hz = loop.region_half(cfg)[0]
         exclude = [(slice(max(0, b[0].start - hz), b[0].stop), b[1], b[2])]
     out = loop.scripted_proofread(p, seg_id, gt_id, merge_fn=merge_fn, split_fn=split_fn, n_merges=merges,
-                                  n_splits=splits, n_open=n_open, min_size=min_size, min_overlap=min_overlap,
-                                  exclude=exclude, author=loop.SCRIPT_AUTHOR, check=check)
+                                  n_splits=splits, n_flags=n_flags, n_open=n_open, min_size=min_size,
+                                  min_overlap=min_overlap, exclude=exclude, author=loop.SCRIPT_AUTHOR, check=check,
+                                  clean=clean)
     unfixed = f" (still present after the edits: flags {out['unfixed']})" if out["unfixed"] else ""
     click.echo(f"scripted proofreader (from ground truth): {out['errors_found']} errors found "
                f"({out['counts']['merge']} merges, {out['counts']['split']} splits); flagged and fixed "

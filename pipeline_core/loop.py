@@ -298,10 +298,11 @@ def errors_at(seg: np.ndarray, gt: np.ndarray, flag, half, *, min_overlap: int =
 
 def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
                        merge_fn: Callable | None = None, split_fn: Callable | None = None,
-                       n_merges: int = 3, n_splits: int = 3, n_open: int = 1, min_size: int = 1000,
+                       n_merges: int = 3, n_splits: int = 3, n_flags: int | None = None, n_open: int = 1,
+                       min_size: int = 1000,
                        min_overlap: int = 100, ignore_gt=(0,), exclude: Sequence[tuple] = (),
                        author: str = SCRIPT_AUTHOR, check: bool = True, check_half: Sequence[int] | None = None,
-                       max_rounds: int = 6) -> dict:
+                       max_rounds: int = 6, clean: bool = False) -> dict:
     """Flag the largest false merges/splits of a segmentation from ground truth and fix them by edits.
 
     **A scripted proofreader that reads the ground truth** — for demos and tests only. It flags the
@@ -310,6 +311,8 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
     then, for each, applies the edit a proofreader would make (``split_fn(product_id, segment,
     seeds, flag_id) -> new product id`` at one deepest voxel per gt part; ``merge_fn(product_id,
     keep, remove, flag_id) -> new product id`` for every extra piece) and marks the flag ``fixed``.
+    ``n_flags``: instead, the ``n_flags`` largest errors whatever their kind (merges and splits ranked
+    together by their second piece's size), as a proofreader fixing the worst errors first would.
     ``n_open`` further errors are flagged but left ``open`` (unresolved: training sets exclude their
     regions). ``exclude``: boxes (e.g. the held-out block) where nothing is flagged.
 
@@ -322,6 +325,11 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
     main piece, first split off its segment when most of that segment is another object. A flag
     still failing the check afterwards is recorded in ``unfixed`` (its status stays ``fixed``: the
     edits were made). ``check=False``: one edit per flag, no check.
+    ``clean`` (with ``check``): once the flagged error is gone, the proofreader also splits any other
+    object off the segments they reviewed, inside the window (one seed group per gt object), within
+    the same ``max_rounds`` -- the reviewed objects are what the training set labels, and a segment
+    still holding a neighbour there would teach the network that merge. Off by default: on the synthetic
+    loop it changed the child's held-out VI by 0.02 (bench/results/loop_synthetic_probes.json).
     Returns {"flags": [...], "edits": [...], "open_flags": [...], "unfixed": [...], "product_id": newest version}.
     """
     cat = project.catalog
@@ -338,13 +346,23 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
         check_half = region_half(_model_cfg_for(project, seg_p))
     errs = find_errors(seg, gt, min_size=min_size, min_overlap=min_overlap, ignore_gt=ignore_gt,
                        voxel_size=seg_p.voxel_size or (1, 1, 1), exclude=exclude)
-    merges = [e for e in errs if e["kind"] == "merge"][:n_merges]
-    used = {s for e in merges for s in e["segment_ids"]}
-    splits = []
-    for e in errs:
-        if e["kind"] == "split" and len(splits) < n_splits and not (set(e["all_pieces"]) & used):
-            splits.append(e)
-            used |= set(e["all_pieces"])
+    if n_flags is not None:
+        if int(n_flags) < 0:
+            raise InputError(f"--flags {n_flags}: must be >= 0")
+        merges, splits, used = [], [], set()
+        for e in errs:  # largest first, both kinds; an error on a segment already flagged waits for the next round
+            ids = set(e["segment_ids"] if e["kind"] == "merge" else e["all_pieces"])
+            if len(merges) + len(splits) < int(n_flags) and not (ids & used):
+                (merges if e["kind"] == "merge" else splits).append(e)
+                used |= ids
+    else:
+        merges = [e for e in errs if e["kind"] == "merge"][:n_merges]
+        used = {s for e in merges for s in e["segment_ids"]}
+        splits = []
+        for e in errs:
+            if e["kind"] == "split" and len(splits) < n_splits and not (set(e["all_pieces"]) & used):
+                splits.append(e)
+                used |= set(e["all_pieces"])
     chosen = {id(e) for e in merges + splits}
     rest = [e for e in errs if id(e) not in chosen and not (set(e["segment_ids"]) & used)][:max(0, n_open)]
     out = {"flags": [], "edits": [], "open_flags": [], "unfixed": [], "errors_found": len(errs),
@@ -372,7 +390,7 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
         if check and merge_fn is not None and split_fn is not None:
             pid, rounds, ok = _follow_up_edits(project, pid, gt, f, rec, check_half, merge_fn, split_fn,
                                                min_overlap=min_overlap, ignore_gt=ignore_gt, max_rounds=max_rounds,
-                                               edits_out=out["edits"])
+                                               edits_out=out["edits"], clean=clean)
             rec["follow_up_rounds"] = rounds
             if not ok:
                 out["unfixed"].append(f.id)
@@ -391,17 +409,23 @@ def _newest_edit_ids(project: Project, pid: int) -> list[int]:
 
 
 def _follow_up_edits(project: Project, pid: int, gt: np.ndarray, flag, rec: dict, half, merge_fn, split_fn, *,
-                     min_overlap: int, ignore_gt, max_rounds: int, edits_out: list) -> tuple[int, int, bool]:
-    """Edit around ``flag`` until :func:`errors_at` finds its error gone (or ``max_rounds``); (pid, rounds, fixed)."""
+                     min_overlap: int, ignore_gt, max_rounds: int, edits_out: list,
+                     clean: bool = False) -> tuple[int, int, bool]:
+    """Edit around ``flag`` until :func:`errors_at` finds its error gone (or ``max_rounds``); (pid, rounds, fixed).
+
+    ``clean``: then, while rounds are left, split other gt objects (>= ``min_overlap`` voxels, 50 at most, in the
+    window) off the segments that hold the flag's gt objects there, one seed group per object."""
     from .metrics import contingency
 
     cat = project.catalog
     check = {"kind": rec["kind"], "zyx": rec["zyx"], "gt_ids": rec["gt_ids"]}
     win = min(min_overlap, 50)
     sampling = tuple(float(v) for v in (cat.product(pid).voxel_size or (1, 1, 1)))
+    fixed = False
     for rnd in range(max_rounds + 1):
         seg = store.read_volume(project.abspath(cat.product(pid).path))
-        if not errors_at(seg, gt, check, half, min_overlap=win, ignore_gt=ignore_gt):
+        fixed = not errors_at(seg, gt, check, half, min_overlap=win, ignore_gt=ignore_gt)
+        if fixed and not clean:
             return pid, rnd, True
         if rnd == max_rounds:
             break
@@ -426,6 +450,25 @@ def _follow_up_edits(project: Project, pid: int, gt: np.ndarray, flag, rec: dict
             seeds, groups = seeds_of(masks)
             return int(split_fn(pid, sid, seeds, flag.id, groups=groups))
         acted = False
+        if fixed:  # the flagged error is gone: split other objects off the reviewed segments, inside the window
+            g_b = _boundary_free(np.asarray(g), 1)
+            for sid in np.unique(si[np.isin(gi, gts) & (c >= win)]).tolist():
+                have = [(int(n), int(gid)) for n, gid, ss in zip(c, gi, si) if ss == sid and n >= win]
+                others = [gid for _, gid in sorted(have, reverse=True) if gid not in gts]
+                mine = [gid for _, gid in sorted(have, reverse=True) if gid in gts]
+                if not others or not mine:
+                    continue
+                masks = [(s == sid) & (g_b == gid) for gid in mine + others]
+                if sum(int(m.sum() >= 10) for m in masks) < 2:
+                    continue
+                pid = split(pid, sid, masks)
+                edits_out.append({"flag_id": flag.id, "kind": "split", "product_id": pid, "follow_up": rnd + 1,
+                                  "clean": True})
+                acted = True
+                break
+            if not acted:
+                return pid, rnd, True
+            continue
         if rec["kind"] == "merge":
             for sid in np.unique(si).tolist():
                 parts = [(int(n), int(gid)) for n, gid, ss in zip(c, gi, si) if ss == sid and gid in gts
@@ -464,7 +507,7 @@ def _follow_up_edits(project: Project, pid: int, gt: np.ndarray, flag, rec: dict
                     break
         if not acted:
             break
-    return pid, rnd, False
+    return pid, rnd, fixed
 
 
 # --------------------------------------------------------------------------- training sets

@@ -158,6 +158,60 @@ def test_scripted_proofreader_checks_its_edits_until_the_flagged_error_is_gone(t
     assert kinds.count("split") >= 1 and kinds.count("merge") >= 1 and len(kinds) == len(pr["edits"])
 
 
+def test_scripted_proofreader_cleans_the_objects_it_reviewed(tmp_path):
+    """``clean``: after fixing a split flag by merging the pieces, the reviewed segment still holds part of a
+    neighbour (the second piece had swallowed it); the proofreader splits that part off inside the window, so
+    the training labels of the region do not teach the merge. ``clean=False`` leaves it."""
+    gt = np.zeros((8, 64, 64), np.uint32)
+    gt[:, :, :32], gt[:, :, 32:] = 1, 3
+    seg = gt.astype(np.uint64).copy()
+    seg[:, 32:, :32] = 2                                   # gt 1 split in two pieces ...
+    seg[:, 32:, 32:48] = 2                                 # ... the second swallowing part of gt 3
+    img = np.full(gt.shape, 200, np.uint8)
+    img[:, :, 31:33] = 30                                  # the membrane between them (dark, as in EM)
+    half = (4, 32, 32)
+    for clean in (True, False):
+        proj = Project.init(tmp_path / f"p{clean}", user=USER)
+        pid, lab_id, _ = _planted_segmentation(proj, img, gt, (40.0, 8.0, 8.0), seg)
+        merge_fn, split_fn = _edit_fns(proj)
+        pr = loop.scripted_proofread(proj, pid, lab_id, merge_fn=merge_fn, split_fn=split_fn, n_merges=0, n_splits=1,
+                                     n_open=0, min_size=200, min_overlap=50, check_half=half, clean=clean)
+        assert [f["kind"] for f in pr["flags"]] == ["split"] and pr["unfixed"] == []
+        cur = store.read_volume(proj.abspath(proj.catalog.product(pr["product_id"]).path))
+        s1 = np.unique(cur[gt == 1])
+        assert len(s1) == 1                                  # the split is fixed either way
+        foreign = int(((cur == s1[0]) & (gt == 3)).sum())
+        if clean:
+            assert foreign < 50 and any(e.get("clean") for e in pr["edits"])
+        else:
+            assert foreign == 8 * 32 * 16
+
+
+def test_scripted_proofreader_flags_the_largest_errors_whatever_their_kind(tmp_path):
+    """``n_flags``: the proofreader takes the largest errors first, merges and splits ranked together by their
+    second piece -- planted: two large false merges, one small false merge and one small false split; two
+    flags go to the two large merges (the fixed 1 merge + 1 split budget would flag the small split)."""
+    gt = np.zeros((8, 64, 64), np.uint32)
+    for k in range(4):                                # four 16-px wide slabs in x, each cut in two along y
+        gt[:, :32, 16 * k:16 * (k + 1)] = 1 + 2 * k
+        gt[:, 32:, 16 * k:16 * (k + 1)] = 2 + 2 * k
+    seg = gt.astype(np.uint64).copy()
+    seg[seg == 2] = 1                                 # large merge 1+2 (second piece 8*32*16)
+    seg[seg == 4] = 3                                 # large merge 3+4
+    seg[(gt == 6) & (np.arange(64)[None, None, :] >= 44)] = 5   # small merge: a 4-px strip of 6 joins 5
+    seg[(gt == 8) & (np.arange(64)[None, :, None] >= 56)] = 99  # small split of 8 (second piece 8*8*16)
+    img = (gt * 20).astype(np.uint8)
+    proj = Project.init(tmp_path / "proj", user=USER)
+    pid, lab_id, _ = _planted_segmentation(proj, img, gt, (40.0, 8.0, 8.0), seg)
+    pr = loop.scripted_proofread(proj, pid, lab_id, n_flags=2, n_open=0, min_size=200, min_overlap=50)
+    assert [f["kind"] for f in pr["flags"]] == ["merge", "merge"]
+    assert sorted(tuple(sorted(f["gt_ids"])) for f in pr["flags"]) == [(1, 2), (3, 4)]
+    pr = loop.scripted_proofread(proj, pid, lab_id, n_merges=1, n_splits=1, n_open=0, min_size=200, min_overlap=50)
+    assert sorted(f["kind"] for f in pr["flags"]) == ["merge", "split"]
+    with pytest.raises(InputError, match="--flags"):
+        loop.scripted_proofread(proj, pid, lab_id, n_flags=-1)
+
+
 # --------------------------------------------------------------------------- catalog
 
 
