@@ -332,6 +332,8 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
     loop it changed the child's held-out VI by 0.02 (bench/results/loop_synthetic_probes.json).
     Returns {"flags": [...], "edits": [...], "open_flags": [...], "unfixed": [...], "product_id": newest version}.
     """
+    if n_flags is not None and int(n_flags) < 0:
+        raise InputError(f"--flags {n_flags}: must be >= 0")
     cat = project.catalog
     cur = current_version(project, product_id)
     seg_p = cat.product(cur)
@@ -347,10 +349,8 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
     errs = find_errors(seg, gt, min_size=min_size, min_overlap=min_overlap, ignore_gt=ignore_gt,
                        voxel_size=seg_p.voxel_size or (1, 1, 1), exclude=exclude)
     if n_flags is not None:
-        if int(n_flags) < 0:
-            raise InputError(f"--flags {n_flags}: must be >= 0")
         merges, splits, used = [], [], set()
-        for e in errs:  # largest first, both kinds; an error on a segment already flagged waits for the next round
+        for e in errs:  # largest first, both kinds; an error touching an already flagged segment is skipped
             ids = set(e["segment_ids"] if e["kind"] == "merge" else e["all_pieces"])
             if len(merges) + len(splits) < int(n_flags) and not (ids & used):
                 (merges if e["kind"] == "merge" else splits).append(e)
