@@ -267,8 +267,11 @@ def _seed_table(out: dict, name: str) -> dict:
     for k, v in sorted(out.items()):
         if k.startswith(f"{name}/seed") and not k.endswith("/seeds"):
             e, h = v["errors_at_flagged_locations"], v["compare"]["held_out_vi"] or {}
+            ho = (v["compare"].get("held_out") or [{}])[0]
             rows.append({"seed": int(k.rsplit("seed", 1)[1]), "errors_before": e["before"], "errors_after": e["after"],
-                         "held_out_vi_parent": h.get("parent"), "held_out_vi_child": h.get("child")})
+                         "held_out_vi_parent": h.get("parent"), "held_out_vi_child": h.get("child"),
+                         **{f"held_out_{m}_{w}": ho.get(w, {}).get(m) for m in ("vi_segmented", "unsegmented")
+                            for w in ("parent", "child")}})
     fewer = sum(r["errors_after"] < r["errors_before"] for r in rows)
     not_worse = sum(r["held_out_vi_child"] is not None and r["held_out_vi_child"] <= r["held_out_vi_parent"] for r in rows)
     return {"rows": rows, "summary": f"{len(rows)} seeds: fewer errors at the flags in {fewer}, "

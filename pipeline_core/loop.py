@@ -876,7 +876,8 @@ def comparison_rows(cmp: dict) -> list[dict]:
                      "child": e["child"], "better": "child" if e["child"] < e["parent"] else
                      ("same" if e["child"] == e["parent"] else "parent")})
     for i, r in enumerate(cmp.get("held_out", [])):
-        for k in ("vi", "vi_split", "vi_merge", "are", "false_merges", "false_splits", "n_objects"):
+        for k in ("vi", "vi_split", "vi_merge", "vi_segmented", "unsegmented", "are", "false_merges", "false_splits",
+                  "n_objects"):
             if k in r.get("parent", {}) and k in r.get("child", {}):
                 a, b = r["parent"][k], r["child"][k]
                 better = "same" if a == b else ("child" if b < a else "parent")

@@ -132,9 +132,18 @@ def evaluate(seg, gt, *, ignore_gt=(0,), ignore_seg=(), min_size: int = 1000, mi
 
     Keys: vi_split, vi_merge, vi (sum, bits), are, rand_merge_precision, rand_split_recall, and the
     :func:`merges_and_splits` counts (which ignore segmentation id 0), plus the ignore choices.
+    Also, to tell the two apart when ``vi_merge`` is high: ``unsegmented`` (fraction of the counted
+    ground-truth voxels whose segmentation id is 0 -- by default they score as one merged object)
+    and ``vi_segmented_split`` / ``vi_segmented_merge`` / ``vi_segmented`` (VI over segmented voxels only).
     """
     split, merge = variation_of_information(seg, gt, ignore_seg=ignore_seg, ignore_gt=ignore_gt)
     out = {"vi_split": split, "vi_merge": merge, "vi": split + merge}
+    seg_a, gt_a = _check_pair(seg, gt)
+    counted = ~np.isin(gt_a, np.asarray(list(ignore_gt), dtype=gt_a.dtype)) if len(ignore_gt) else np.ones(gt_a.shape, bool)
+    n_counted = int(counted.sum())
+    out["unsegmented"] = float((counted & (seg_a == 0)).sum() / n_counted) if n_counted else 0.0
+    s2, m2 = variation_of_information(seg, gt, ignore_seg=tuple(sorted(set(ignore_seg) | {0})), ignore_gt=ignore_gt)
+    out.update(vi_segmented_split=s2, vi_segmented_merge=m2, vi_segmented=s2 + m2)
     out.update(adapted_rand(seg, gt, ignore_seg=ignore_seg, ignore_gt=ignore_gt))
     out.update(merges_and_splits(seg, gt, min_size=min_size, min_overlap=min_overlap,
                                  ignore_seg=tuple(sorted(set(ignore_seg) | {0})), ignore_gt=ignore_gt))

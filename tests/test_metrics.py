@@ -25,6 +25,23 @@ def test_perfect_segmentation_scores_zero():
     assert e["ignore_gt"] == [0] and e["ignore_seg"] == []
 
 
+def test_unsegmented_voxels_are_reported_apart_from_merges():
+    """Unsegmented voxels (id 0) score as one merged object in ``vi_merge`` by default; ``unsegmented`` and
+    ``vi_segmented`` tell that apart from real merges: a perfect segmentation with a band across both objects
+    left out."""
+    gt = _blocks()
+    seg = gt.astype(np.uint64) + 10
+    seg[:, 1:3, :] = 0                                                 # rows 1-2 of both objects unsegmented
+    e = metrics.evaluate(seg, gt)
+    assert e["unsegmented"] == pytest.approx(2 / 7)                    # 2 of the 7 counted rows
+    assert e["vi_segmented"] == pytest.approx(0.0, abs=1e-12)          # what is segmented is right
+    assert e["vi_merge"] > 0                                           # the default convention still charges it
+    merged = gt.astype(np.uint64) + 10
+    merged[gt > 0] = 10                                                # a real merge: every object in one
+    e2 = metrics.evaluate(merged, gt)
+    assert e2["unsegmented"] == 0.0 and e2["vi_segmented_merge"] == pytest.approx(e2["vi_merge"])
+
+
 def test_split_and_merge_directions():
     gt = _blocks()
     merged = np.ones_like(gt, dtype=np.uint64)
