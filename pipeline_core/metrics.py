@@ -71,7 +71,11 @@ def _entropy_bits(counts: np.ndarray, n: float) -> float:
 
 def variation_of_information(seg, gt, *, ignore_seg=(), ignore_gt=(0,)) -> tuple[float, float]:
     """(split, merge) in bits: H(seg | gt), H(gt | seg) over counted voxels."""
-    si, gi, c = contingency(seg, gt, ignore_seg=ignore_seg, ignore_gt=ignore_gt)
+    return _vi_from_table(*contingency(seg, gt, ignore_seg=ignore_seg, ignore_gt=ignore_gt))
+
+
+def _vi_from_table(si: np.ndarray, gi: np.ndarray, c: np.ndarray) -> tuple[float, float]:
+    """(split, merge) of a :func:`contingency` table."""
     n = float(c.sum())
     if n == 0:
         return 0.0, 0.0
@@ -136,13 +140,14 @@ def evaluate(seg, gt, *, ignore_gt=(0,), ignore_seg=(), min_size: int = 1000, mi
     ground-truth voxels whose segmentation id is 0 -- by default they score as one merged object)
     and ``vi_segmented_split`` / ``vi_segmented_merge`` / ``vi_segmented`` (VI over segmented voxels only).
     """
-    split, merge = variation_of_information(seg, gt, ignore_seg=ignore_seg, ignore_gt=ignore_gt)
+    # one table (segmentation id 0 kept) gives the VI, the unsegmented fraction and the VI over segmented voxels
+    si, gi, c = contingency(seg, gt, ignore_seg=tuple(v for v in ignore_seg if v != 0), ignore_gt=ignore_gt)
+    zero = si == 0
+    main = ~zero if 0 in ignore_seg else slice(None)
+    split, merge = _vi_from_table(si[main], gi[main], c[main])
     out = {"vi_split": split, "vi_merge": merge, "vi": split + merge}
-    seg_a, gt_a = _check_pair(seg, gt)
-    counted = ~np.isin(gt_a, np.asarray(list(ignore_gt), dtype=gt_a.dtype)) if len(ignore_gt) else np.ones(gt_a.shape, bool)
-    n_counted = int(counted.sum())
-    out["unsegmented"] = float((counted & (seg_a == 0)).sum() / n_counted) if n_counted else 0.0
-    s2, m2 = variation_of_information(seg, gt, ignore_seg=tuple(sorted(set(ignore_seg) | {0})), ignore_gt=ignore_gt)
+    out["unsegmented"] = float(c[zero].sum() / c.sum()) if c.sum() else 0.0
+    s2, m2 = _vi_from_table(si[~zero], gi[~zero], c[~zero])
     out.update(vi_segmented_split=s2, vi_segmented_merge=m2, vi_segmented=s2 + m2)
     out.update(adapted_rand(seg, gt, ignore_seg=ignore_seg, ignore_gt=ignore_gt))
     out.update(merges_and_splits(seg, gt, min_size=min_size, min_overlap=min_overlap,
