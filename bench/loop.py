@@ -57,7 +57,7 @@ CONFIG = {
     "synthetic": dict(parent_steps=1500, child_steps=400, batch_size=4, lr_scaling="none", core_size=[8, 96, 96],
                       min_size=1000, min_overlap=100, merges=3, splits=3, flags=None, eval_min_size=1000, min_seg=50,
                       child_lr=1e-3, anchor_weight=None, child_ema_decay=None, mix=0.5, max_evals=300, preset="demo", n_sections=16, seed=0, ema_decay=0.99,
-                      gt_seed=2, review_seed=0, held_out_seed=1),
+                      gt_seed=2, review_seed=0, held_out_seed=1, unsegmented=None),
     # held-out block: the FFN bench's (z 100-149, y,x 50-199: 25 neurons >= 1000 voxels). The earlier one (the last
     # 24 sections of the crop) held 6-7 neurons, too few: its VI moved by +-0.2 between training seeds
     # (bench/results/loop_seeds_small_holdout.json). The review volume is 72 x 128 x 128 to keep the bench to
@@ -67,7 +67,7 @@ CONFIG = {
                   splits=3, eval_min_size=1000, min_seg=50, max_evals=300, preset="demo", seed=0, ema_decay=0.99,
                   gt_box=(slice(0, 72), slice(128, 250), slice(128, 250)),
                   review_box=(slice(0, 72), slice(0, 128), slice(0, 128)),
-                  held_out_box=(slice(100, 150), slice(50, 200), slice(50, 200))),
+                  held_out_box=(slice(100, 150), slice(50, 200), slice(50, 200)), unsegmented=None),
 }
 
 
@@ -152,7 +152,7 @@ def run_loop(name: str, root: Path, log=print) -> dict:
     log(f"[{name}] scripted proofreader (ground truth): {pr['errors_found']} errors, fixed {len(pr['flags'])} "
         f"with {len(pr['edits'])} edits (still there after them: {pr['unfixed'] or 'none'}), "
         f"{len(pr['open_flags'])} open")
-    ts = loop.build_training_set(proj, seg_root, user=USER)
+    ts = loop.build_training_set(proj, seg_root, user=USER, unsegmented=cfg.get("unsegmented") or loop.UNSEGMENTED_DEFAULT)
     log(f"[{name}] training set {ts.id}: {len(ts.regions)} regions, excluded {ts.excluded_flag_ids}")
     t = time.perf_counter()
     r = _submit(proj, prepare_run(proj, "train", params={**common, "steps": cfg["child_steps"], "training_set": ts.id,

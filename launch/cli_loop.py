@@ -109,9 +109,12 @@ def proofread_auto(project, seg_id, gt_id, merges, splits, n_flags, n_open, min_
 @click.option("--context", default=None, help="extra voxels z,y,x around each FOV-sized window [default: FOV radius+1]")
 @click.option("--scope", type=click.Choice(["reviewed", "all"]), default="reviewed", show_default=True,
               help="reviewed: only flagged/edited objects are labelled; all: the whole corrected segmentation")
+@click.option("--unsegmented", type=click.Choice(["unknown", "background"]), default=None,
+              help="voxels the segmentation left unsegmented: unknown (no loss) or background (not the object) "
+                   "[default: the product's, pipeline_core.loop.UNSEGMENTED_DEFAULT]")
 @click.option("--holdout-z", default=0, show_default=True, help="flags in the last N sections are left out")
 @click.option("--user", required=True, help="who builds it (recorded)")
-def trainset(project, seg_id, flag_ids, context, scope, holdout_z, user):
+def trainset(project, seg_id, flag_ids, context, scope, unsegmented, holdout_z, user):
     """Build a versioned training set from a segmentation's confirmed flags and edits."""
     from pipeline_core import loop
     p = Project.open(project)
@@ -122,7 +125,8 @@ def trainset(project, seg_id, flag_ids, context, scope, holdout_z, user):
         except ValueError:
             raise InputError(f"--flags {flag_ids!r}: expected comma-separated integers")
     ts = loop.build_training_set(p, seg_id, user=user, context=_triple(context, "--context"), labels_scope=scope,
-                                 flag_ids=ids, exclude=_holdout_boxes(p, seg_id, holdout_z))
+                                 flag_ids=ids, exclude=_holdout_boxes(p, seg_id, holdout_z),
+                                 unsegmented=unsegmented or loop.UNSEGMENTED_DEFAULT)
     click.echo(f"training set {ts.id} (version {ts.version} of segmentation {ts.source_product_id}): "
                f"{len(ts.regions)} regions from flags {ts.flag_ids}, edits {ts.edit_ids}; labels from product "
                f"{ts.labels_product_id}; excluded (open flags nearby): {ts.excluded_flag_ids or 'none'} → {ts.path}")

@@ -53,6 +53,9 @@ ERROR_FLAG_KINDS = ("merge", "split", "other")
 #: bench/loop.py measures these defaults (bench/results/loop.json).
 FINETUNE_ANCHOR_WEIGHT = 0.0
 FINETUNE_EMA_DECAY = 0.99
+#: What a training set teaches at the voxels the reviewed segmentation left unsegmented (id 0): see
+#: :func:`build_training_set`.
+UNSEGMENTED_DEFAULT = "background"
 _GT_TAG = re.compile(r"gt_ids=([0-9,]+)")
 
 
@@ -530,17 +533,22 @@ def _model_cfg_for(project: Project, seg: Product, model_id: int | None = None):
 
 def build_training_set(project: Project, product_id: int, *, user: str, context=None, model_id: int | None = None,
                        labels_scope: str = "reviewed", flag_ids: Iterable[int] | None = None,
-                       exclude: Sequence[tuple] = (), name: str = "") -> TrainingSet:
+                       exclude: Sequence[tuple] = (), name: str = "", unsegmented: str = UNSEGMENTED_DEFAULT
+                       ) -> TrainingSet:
     """Training set from a segmentation's confirmed/fixed flags and its edits (see module docstring).
 
     product_id: any version of the segmentation lineage; labels come from its current version.
     context: voxels (z, y, x) added around each training window (default FOV radius + 1).
     labels_scope: "reviewed" (only the flagged/edited objects keep ids) or "all" (the whole
     corrected segmentation in the region). flag_ids: restrict to these flags. exclude: boxes whose
-    flags are left out (e.g. a held-out evaluation block).
+    flags are left out (e.g. a held-out evaluation block). unsegmented: what the voxels the
+    segmentation left unsegmented (id 0) teach -- "unknown" (no loss: nobody reviewed them, and the
+    object under review may well continue into them) or "background" (not the object).
     """
     if labels_scope not in ("reviewed", "all"):
         raise InputError(f"labels scope must be 'reviewed' or 'all', got {labels_scope!r}")
+    if unsegmented not in ("unknown", "background"):
+        raise InputError(f"unsegmented must be 'unknown' or 'background', got {unsegmented!r}")
     if not user:
         raise InputError("a training set needs a user (--user)")
     cat = project.catalog
@@ -577,7 +585,8 @@ def build_training_set(project: Project, product_id: int, *, user: str, context=
         if blockers:
             excluded.append(f.id)
             continue
-        lab = np.asarray(labels[box])
+        lab = np.asarray(labels[box]).astype(np.uint64)
+        unseg = lab == 0
         my_edits = [e for e in edits if e.flag_id == f.id]
         ids = {int(i) for i in f.segment_ids}
         for e in my_edits:
@@ -593,10 +602,12 @@ def build_training_set(project: Project, product_id: int, *, user: str, context=
             present = ids & set(np.unique(lab).tolist())
             if not present and lab[local_c] != 0:
                 present = {int(lab[local_c])}
-            lab = np.where(np.isin(lab, np.asarray(sorted(present), dtype=lab.dtype)), lab, 0)
+            lab = np.where(np.isin(lab, np.asarray(sorted(present), dtype=lab.dtype)), lab, 0).astype(np.uint64)
         if not (lab != 0).any():
             excluded.append(f.id)
             continue
+        if unsegmented == "unknown":
+            lab[unseg] = UNKNOWN_LABEL
         k = len(regions)
         # real image context around the region (a training window's half on every side, inside the volume)
         # whose labels are UNKNOWN_LABEL: seen by the network, left out of the loss, never a centre
@@ -617,6 +628,7 @@ def build_training_set(project: Project, product_id: int, *, user: str, context=
     path = project.root / rel
     attrs = {"emloop": {"kind": "training_set", "source_product": root, "labels_product": cur.id,
                         "image_product": img_p.id, "regions": regions, "labels_scope": labels_scope,
+                        "unsegmented": unsegmented,
                         "half": list(half), "voxel_size": list(cur.voxel_size)}}
     store.write_array_group(path, arrays, attrs)
     digest = store.array_group_hash(path, sorted(arrays))
@@ -624,10 +636,12 @@ def build_training_set(project: Project, product_id: int, *, user: str, context=
         str(rel), source_product_id=root, labels_product_id=cur.id, image_product_id=img_p.id,
         flag_ids=used_flags, edit_ids=sorted(used_edits), excluded_flag_ids=excluded, regions=regions,
         content_hash=digest, name=name or f"segmentation {root} reviews",
-        meta={"labels_scope": labels_scope, "region_half": list(half), "fov": list(cfg.fov),
+        meta={"labels_scope": labels_scope, "unsegmented": unsegmented, "region_half": list(half), "fov": list(cfg.fov),
               "weighting": "regions containing an open (unresolved) flag are excluded; "
                            + ("only reviewed objects are labelled, other voxels 0"
                               if labels_scope == "reviewed" else "the whole corrected segmentation is used")
+                           + ("; voxels left unsegmented are unlabelled (no loss)" if unsegmented == "unknown"
+                              else "; voxels left unsegmented count as not the object")
                            + "; the image context around each region is unlabelled (no loss)",
               "voxel_size": list(cur.voxel_size)}, user=user)
 
