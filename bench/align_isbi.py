@@ -4,8 +4,9 @@
 
 Sections 0-15 of ../shared/data/isbi2012/train_raw.tif (ssTEM, 4 nm px, 50 nm sections), aligned with the
 default rigid estimate (``elastic=False``: only the rigid transforms are compared). Two rows per seed,
-both scored like tests/test_align.py::test_isbi_known_rigid_misalignments (12×12 point grid of every
-section, RMS after one common affine = the stack's free gauge, against the solution for the untouched stack):
+both scored like tests/test_align.py::test_isbi_known_rigid_misalignments, with pipeline_core.align_eval
+(12×12 point grid of every section, RMS after one common affine = the stack's free gauge, against the
+solution for the untouched stack):
 
 * **perturbed** -- random rigid misalignments (±2°, ±40 px, fill 0) applied, as in the test: how far the
   solved transforms are from undoing them;
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
@@ -59,9 +60,11 @@ def main(argv=None) -> None:
         print(f"skip: {src} is absent (set EMLOOP_SHARED_DATA to the shared data folder)")
         return
     import tifffile
-    from test_align import _grid, _perturb, _rigid_points, _rms_modulo_common_affine
-
     from pipeline_core.align import align_stack
+    from pipeline_core.align_eval import grid_points as _grid
+    from pipeline_core.align_eval import perturb_rigid as _perturb
+    from pipeline_core.align_eval import rigid_points as _rigid_points
+    from pipeline_core.align_eval import rms_modulo_common_affine as _rms_modulo_common_affine
 
     stack = tifffile.imread(src)[: args.sections]
     H, W = stack.shape[1:]

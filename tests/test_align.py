@@ -16,13 +16,14 @@ from pipeline_core.align import (
     rigid_matrix,
     warp_rigid,
 )
+from pipeline_core.align_eval import grid_points as _grid
+from pipeline_core.align_eval import perturb_rigid as _perturb
+from pipeline_core.align_eval import rigid_points as _rigid_points
+from pipeline_core.align_eval import rms_modulo_common_affine as _rms_modulo_common_affine
 from pipeline_core.errors import InputError
 from pipeline_core.registration import dense_flow, ncc
 
 
-def _grid(H, W, n=10, margin=0.2):
-    return np.stack(np.meshgrid(np.linspace(margin * H, (1 - margin) * H, n),
-                                np.linspace(margin * W, (1 - margin) * W, n), indexing="ij"), -1).reshape(-1, 2)
 
 
 def _source_points(res, g, P=None):
@@ -42,22 +43,8 @@ def _source_points(res, g, P=None):
     return np.array(out)
 
 
-def _rms_modulo_common_affine(S1, S2):
-    """RMS distance between two point sets (Z, n, 2) after one common affine map (the stack's gauge)."""
-    A = np.c_[S2.reshape(-1, 2), np.ones(S2.shape[0] * S2.shape[1])]
-    coef, *_ = np.linalg.lstsq(A, S1.reshape(-1, 2), rcond=None)
-    e = S1.reshape(-1, 2) - A @ coef
-    return float(np.sqrt((e**2).sum(1).mean()))
 
 
-def _perturb(stack, max_rot, max_shift, seed):
-    Z, H, W = stack.shape
-    cen = ((H - 1) / 2, (W - 1) / 2)
-    rng = np.random.default_rng(seed)
-    P = [np.eye(3)] + [rigid_matrix(math.radians(rng.uniform(-max_rot, max_rot)), *rng.uniform(-max_shift, max_shift, 2), cen)
-                       for _ in range(1, Z)]
-    mis = np.stack([np.clip(np.rint(warp_rigid(stack[z], P[z])), 0, 255).astype(stack.dtype) for z in range(Z)])
-    return mis, P
 
 
 def test_estimate_rigid_exact_on_a_transformed_copy():
@@ -164,16 +151,6 @@ def test_bad_align_parameter_names_itself():
             AlignParams.from_dict(bad)
 
 
-def _rigid_points(transforms, g, P=None):
-    """Output-frame positions of unperturbed-section points g under the solved *rigid* transforms, (Z, n, 2).
-
-    With P (the applied misalignments) the point is first moved where P_z put it:
-    T_z ∘ P_z, i.e. how far the solved rigid transform undoes P_z."""
-    out = []
-    for z, T in enumerate(transforms):
-        M = T @ (P[z] if P is not None else np.eye(3))
-        out.append(g @ M[:2, :2].T + M[:2, 2])
-    return np.array(out)
 
 
 @pytest.mark.slow
