@@ -351,21 +351,19 @@ def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
         check_half = region_half(_model_cfg_for(project, seg_p))
     errs = find_errors(seg, gt, min_size=min_size, min_overlap=min_overlap, ignore_gt=ignore_gt,
                        voxel_size=seg_p.voxel_size or (1, 1, 1), exclude=exclude)
-    if n_flags is not None:
-        merges, splits, used = [], [], set()
-        for e in errs:  # largest first, both kinds; an error touching an already flagged segment is skipped
-            ids = set(e["segment_ids"] if e["kind"] == "merge" else e["all_pieces"])
-            if len(merges) + len(splits) < int(n_flags) and not (ids & used):
-                (merges if e["kind"] == "merge" else splits).append(e)
-                used |= ids
-    else:
-        merges = [e for e in errs if e["kind"] == "merge"][:n_merges]
-        used = {s for e in merges for s in e["segment_ids"]}
-        splits = []
-        for e in errs:
-            if e["kind"] == "split" and len(splits) < n_splits and not (set(e["all_pieces"]) & used):
-                splits.append(e)
-                used |= set(e["all_pieces"])
+    # largest first (with n_flags both kinds together, else merges before splits, each kind up to its count);
+    # an error touching a segment already flagged is skipped (a merge error is one segment's, so merges never are)
+    order = errs if n_flags is not None else ([e for e in errs if e["kind"] == "merge"]
+                                              + [e for e in errs if e["kind"] == "split"])
+    cap = {"merge": int(n_merges), "split": int(n_splits)}
+    merges, splits, used = [], [], set()
+    for e in order:
+        ids = set(e["segment_ids"] if e["kind"] == "merge" else e["all_pieces"])
+        mine = merges if e["kind"] == "merge" else splits
+        room = len(merges) + len(splits) < int(n_flags) if n_flags is not None else len(mine) < cap[e["kind"]]
+        if room and not (ids & used):
+            mine.append(e)
+            used |= ids
     chosen = {id(e) for e in merges + splits}
     rest = [e for e in errs if id(e) not in chosen and not (set(e["segment_ids"]) & used)][:max(0, n_open)]
     out = {"flags": [], "edits": [], "open_flags": [], "unfixed": [], "errors_found": len(errs),
@@ -426,14 +424,14 @@ def _follow_up_edits(project: Project, pid: int, gt: np.ndarray, flag, rec: dict
     sampling = tuple(float(v) for v in (cat.product(pid).voxel_size or (1, 1, 1)))
     fixed = False
     for rnd in range(max_rounds + 1):
-        seg = store.read_volume(project.abspath(cat.product(pid).path))
+        seg = store.open_level(project.abspath(cat.product(pid).path), 0)  # only the window is read
         fixed = not errors_at(seg, gt, check, half, min_overlap=win, ignore_gt=ignore_gt)
         if fixed and not clean:
             return pid, rnd, True
         if rnd == max_rounds:
             break
         box = box_around(check["zyx"], half, seg.shape)
-        s, g = seg[box], gt[box]
+        s, g = np.asarray(seg[box]), gt[box]
         si, gi, c = contingency(s, g, ignore_seg=(0,), ignore_gt=ignore_gt)
         gts = [int(v) for v in rec["gt_ids"]]
 
