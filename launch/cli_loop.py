@@ -109,9 +109,9 @@ def proofread_auto(project, seg_id, gt_id, merges, splits, n_flags, n_open, min_
 @click.option("--context", default=None, help="extra voxels z,y,x around each FOV-sized window [default: FOV radius+1]")
 @click.option("--scope", type=click.Choice(["reviewed", "all"]), default="reviewed", show_default=True,
               help="reviewed: only flagged/edited objects are labelled; all: the whole corrected segmentation")
-@click.option("--unsegmented", type=click.Choice(["unknown", "background"]), default=None,
-              help="voxels the segmentation left unsegmented: unknown (no loss) or background (not the object) "
-                   "[default: the product's, pipeline_core.loop.UNSEGMENTED_DEFAULT]")
+@click.option("--unsegmented", type=click.Choice(["background", "unknown", "by-flag"]), default=None,
+              help="voxels the segmentation left unsegmented: background (not the object), unknown (no loss) or "
+                   "by-flag (background at merge flags, unknown at split flags) [default: background]")
 @click.option("--holdout-z", default=0, show_default=True, help="flags in the last N sections are left out")
 @click.option("--user", required=True, help="who builds it (recorded)")
 def trainset(project, seg_id, flag_ids, context, scope, unsegmented, holdout_z, user):

@@ -213,36 +213,43 @@ def test_scripted_proofreader_flags_the_largest_errors_whatever_their_kind(tmp_p
 
 
 def test_training_set_unsegmented_voxels_are_unknown_or_background(tmp_path):
-    """``unsegmented``: the voxels the reviewed segmentation left at 0 are either unlabelled (no loss: nobody
-    reviewed them, and the flagged object may continue into them) or "not the object"; the reviewed objects
-    keep their ids and unreviewed segments are 0 either way. Planted: a false merge of two slabs next to a
-    third slab, with two sections the segmentation left unsegmented."""
-    gt = np.zeros((8, 64, 64), np.uint32)
-    gt[:, :, :26], gt[:, :, 26:34], gt[:, :, 34:] = 1, 2, 3
+    """``unsegmented``: the voxels the reviewed segmentation left at 0 are unlabelled (no loss: nobody reviewed
+    them, and the flagged object may continue into them), "not the object", or -- ``by-flag`` -- "not the
+    object" around a false merge and unlabelled around a false split (where the object was cut short); the
+    reviewed objects keep their ids and unreviewed segments are 0 in every mode. Planted: a false merge of two
+    slabs next to a third slab, a fourth slab cut in two, and two sections the segmentation left
+    unsegmented."""
+    gt = np.zeros((8, 64, 96), np.uint32)
+    gt[:, :, :26], gt[:, :, 26:34], gt[:, :, 34:60], gt[:, :, 60:] = 1, 2, 3, 4
     seg = gt.astype(np.uint64).copy()
     seg[seg == 2] = 1                                   # false merge 1+2; 3 is correct and never reviewed
+    seg[:, 32:, 60:] = 99                               # false split of 4
     seg[3:5] = 0                                        # the segmentation left two sections unsegmented
     img = (gt * 40).astype(np.uint8)
     proj = Project.init(tmp_path / "proj", user=USER)
     pid, lab_id, _ = _planted_segmentation(proj, img, gt, (40.0, 8.0, 8.0), seg)
     merge_fn, split_fn = _edit_fns(proj)
-    pr = loop.scripted_proofread(proj, pid, lab_id, merge_fn=merge_fn, split_fn=split_fn, n_merges=1, n_splits=0,
+    pr = loop.scripted_proofread(proj, pid, lab_id, merge_fn=merge_fn, split_fn=split_fn, n_merges=1, n_splits=1,
                                  n_open=0, min_size=200, min_overlap=50)
-    assert [f["kind"] for f in pr["flags"]] == ["merge"]
+    assert sorted(f["kind"] for f in pr["flags"]) == ["merge", "split"]
     band = np.zeros(gt.shape, bool)
     band[3:5] = True
-    for mode in ("unknown", "background"):
+    expect = {"unknown": {"merge": UNKNOWN_LABEL, "split": UNKNOWN_LABEL}, "background": {"merge": 0, "split": 0},
+              "by-flag": {"merge": 0, "split": UNKNOWN_LABEL}}
+    for mode, want in expect.items():
         ts = loop.build_training_set(proj, pid, user=USER, unsegmented=mode)
-        assert ts.meta["unsegmented"] == mode
-        (r,), ((_, lb),) = ts.regions, loop.load_training_set(proj, ts.id)[1]
-        inner = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(r["box"], r["context_box"]))
-        box = tuple(slice(a, b) for a, b in r["box"])
-        lab, g, unseg = lb[inner], gt[box], band[box]
-        assert unseg.any() and (g[~unseg] == 3).any()
-        assert (lab[unseg] == (UNKNOWN_LABEL if mode == "unknown" else 0)).all()
-        assert (lab[~unseg & (g == 3)] == 0).all()                       # unreviewed segment: not the object
-        reviewed = ~unseg & (g != 3)
-        assert (lab[reviewed] != 0).all() and not (lab[reviewed] == UNKNOWN_LABEL).any()
+        assert ts.meta["unsegmented"] == mode and len(ts.regions) == 2
+        for r, (_, lb) in zip(ts.regions, loop.load_training_set(proj, ts.id)[1]):
+            inner = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(r["box"], r["context_box"]))
+            box = tuple(slice(a, b) for a, b in r["box"])
+            lab, g, unseg = lb[inner], gt[box], band[box]
+            assert unseg.any() and (lab[unseg] == want[r["kind"]]).all(), (mode, r["kind"])
+            mine = {"merge": (1, 2), "split": (4,)}[r["kind"]]
+            reviewed = ~unseg & np.isin(g, mine)
+            assert (lab[reviewed] != 0).all() and not (lab[reviewed] == UNKNOWN_LABEL).any()
+            assert (lab[~unseg & ~np.isin(g, mine)] == 0).all()          # unreviewed segments: not the object
+            if r["kind"] == "merge":
+                assert (~unseg & (g == 3)).any()
     with pytest.raises(InputError, match="unsegmented"):
         loop.build_training_set(proj, pid, user=USER, unsegmented="ignore")
 
