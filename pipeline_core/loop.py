@@ -645,8 +645,10 @@ def build_training_set(project: Project, product_id: int, *, user: str, context=
               "weighting": "regions containing an open (unresolved) flag are excluded; "
                            + ("only reviewed objects are labelled, other voxels 0"
                               if labels_scope == "reviewed" else "the whole corrected segmentation is used")
-                           + ("; voxels left unsegmented are unlabelled (no loss)" if unsegmented == "unknown"
-                              else "; voxels left unsegmented count as not the object")
+                           + {"unknown": "; voxels left unsegmented are unlabelled (no loss)",
+                              "background": "; voxels left unsegmented count as not the object",
+                              "by-flag": "; voxels left unsegmented count as not the object around merge flags and "
+                                         "are unlabelled (no loss) around split flags"}[unsegmented]
                            + "; the image context around each region is unlabelled (no loss)",
               "voxel_size": list(cur.voxel_size)}, user=user)
 

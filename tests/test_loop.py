@@ -239,6 +239,7 @@ def test_training_set_unsegmented_voxels_are_unknown_or_background(tmp_path):
     for mode, want in expect.items():
         ts = loop.build_training_set(proj, pid, user=USER, unsegmented=mode)
         assert ts.meta["unsegmented"] == mode and len(ts.regions) == 2
+        assert ("unsegmented count as not the object" in ts.meta["weighting"]) == (mode != "unknown")
         for r, (_, lb) in zip(ts.regions, loop.load_training_set(proj, ts.id)[1]):
             inner = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(r["box"], r["context_box"]))
             box = tuple(slice(a, b) for a, b in r["box"])
