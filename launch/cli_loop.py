@@ -63,8 +63,8 @@ def _edit_fns(project: Project, user: str):
 @click.argument("project", type=click.Path(path_type=Path))
 @click.option("--segmentation", "seg_id", required=True, type=int, help="segmentation product (any version)")
 @click.option("--gt", "gt_id", required=True, type=int, help="ground-truth labels product (same shape)")
-@click.option("--merges", default=3, show_default=True, help="largest false merges to flag and split")
-@click.option("--splits", default=3, show_default=True, help="largest false splits to flag and merge")
+@click.option("--merges", default=6, show_default=True, help="largest false merges to flag and split")
+@click.option("--splits", default=6, show_default=True, help="largest false splits to flag and merge")
 @click.option("--flags", "n_flags", default=None, type=click.IntRange(min=0),
               help="instead of --merges/--splits: the N largest errors whatever their kind")
 @click.option("--open", "n_open", default=1, show_default=True, help="further errors flagged but left open")

@@ -54,12 +54,12 @@ ERROR_FLAG_KINDS = ("merge", "split", "other")
 FINETUNE_ANCHOR_WEIGHT = 0.0
 FINETUNE_EMA_DECAY = 0.99
 #: What a training set teaches at the voxels the reviewed segmentation left unsegmented (id 0): see
-#: :func:`build_training_set`. Same parents and flags, three seeds per data set (bench/results/
+#: :func:`build_training_set`. Same parents and 3 + 3 flags, three seeds per data set (bench/results/
 #: loop_unsegmented.json): "unknown" keeps the child's coverage (synthetic held-out VI better in 3 of 3) but
 #: fixes almost nothing at the flags (0 of 6 runs fewer errors there in the comparison) and on the FlyEM medulla
 #: it makes held-out VI worse in 2 of 3; "by-flag" meets both must-show numbers in 3 of 6 runs, as
-#: "background" does. Teaching the unsegmented voxels as "not the object" is what fixes the flagged errors,
-#: and what makes the synthetic child claim less.
+#: "background" does (5 of 6 with 6 + 6 flags, by-flag 1 of 3). Teaching the unsegmented voxels as "not the
+#: object" is what fixes the flagged errors, and what makes the synthetic child claim less.
 UNSEGMENTED_DEFAULT = "background"
 _GT_TAG = re.compile(r"gt_ids=([0-9,]+)")
 
@@ -306,7 +306,7 @@ def errors_at(seg: np.ndarray, gt: np.ndarray, flag, half, *, min_overlap: int =
 
 def scripted_proofread(project: Project, product_id: int, gt_product_id: int, *,
                        merge_fn: Callable | None = None, split_fn: Callable | None = None,
-                       n_merges: int = 3, n_splits: int = 3, n_flags: int | None = None, n_open: int = 1,
+                       n_merges: int = 6, n_splits: int = 6, n_flags: int | None = None, n_open: int = 1,
                        min_size: int = 1000,
                        min_overlap: int = 100, ignore_gt=(0,), exclude: Sequence[tuple] = (),
                        author: str = SCRIPT_AUTHOR, check: bool = True, check_half: Sequence[int] | None = None,
