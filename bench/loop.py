@@ -56,7 +56,9 @@ CONFIG = {
     # ema_decay: both parent and child keep a weight average as the model (steadier held-out scores).
     # The proofreader flags and fixes the 6 largest false merges and the 6 largest false splits: with 3 + 3 the
     # 6 training regions taught the synthetic child to claim less of the volume (held-out VI worse in 2 of 3
-    # seeds, bench/results/loop_unsegmented.json); 12 regions are more varied (bench/results/loop.json).
+    # seeds, bench/results/loop_flags6.json); 12 regions are more varied (bench/results/loop.json).
+    # unsegmented: what the voxels the reviewed segmentation left at 0 teach (None = the product's default,
+    # pipeline_core.loop.UNSEGMENTED_DEFAULT; the modes compared in bench/results/loop_unsegmented.json).
     "synthetic": dict(parent_steps=1500, child_steps=400, batch_size=4, lr_scaling="none", core_size=[8, 96, 96],
                       min_size=1000, min_overlap=100, merges=6, splits=6, flags=None, eval_min_size=1000, min_seg=50,
                       child_lr=1e-3, anchor_weight=None, child_ema_decay=None, mix=0.5, max_evals=300, preset="demo", n_sections=16, seed=0, ema_decay=0.99,
