@@ -429,14 +429,15 @@ def _follow_up_edits(project: Project, pid: int, gt: np.ndarray, flag, rec: dict
     sampling = tuple(float(v) for v in (cat.product(pid).voxel_size or (1, 1, 1)))
     fixed = False
     for rnd in range(max_rounds + 1):
-        seg = store.open_level(project.abspath(cat.product(pid).path), 0)  # only the window is read
-        fixed = not errors_at(seg, gt, check, half, min_overlap=win, ignore_gt=ignore_gt)
+        seg = store.open_level(project.abspath(cat.product(pid).path), 0)
+        box = box_around(check["zyx"], half, seg.shape)
+        s, g = np.asarray(seg[box]), gt[box]  # only the flag's window is read, once per round
+        local = {**check, "zyx": [int(v - b.start) for v, b in zip(check["zyx"], box)]}
+        fixed = not errors_at(s, g, local, half, min_overlap=win, ignore_gt=ignore_gt)
         if fixed and not clean:
             return pid, rnd, True
         if rnd == max_rounds:
             break
-        box = box_around(check["zyx"], half, seg.shape)
-        s, g = np.asarray(seg[box]), gt[box]
         si, gi, c = contingency(s, g, ignore_seg=(0,), ignore_gt=ignore_gt)
         gts = [int(v) for v in rec["gt_ids"]]
 
@@ -607,7 +608,7 @@ def build_training_set(project: Project, product_id: int, *, user: str, context=
             present = ids & set(np.unique(lab).tolist())
             if not present and lab[local_c] != 0:
                 present = {int(lab[local_c])}
-            lab = np.where(np.isin(lab, np.asarray(sorted(present), dtype=lab.dtype)), lab, 0).astype(np.uint64)
+            lab = np.where(np.isin(lab, np.asarray(sorted(present), dtype=lab.dtype)), lab, np.uint64(0))
         if not (lab != 0).any():
             excluded.append(f.id)
             continue

@@ -24,8 +24,6 @@ from pipeline_core.errors import InputError
 from pipeline_core.registration import dense_flow, ncc
 
 
-
-
 def _source_points(res, g, P=None):
     """For output grid points g: where they come from in the *unperturbed* sections, (Z, n, 2)."""
     Z = len(res.transforms)
@@ -41,10 +39,6 @@ def _source_points(res, g, P=None):
             s = s @ Pi[:2, :2].T + Pi[:2, 2]
         out.append(s)
     return np.array(out)
-
-
-
-
 
 
 def test_estimate_rigid_exact_on_a_transformed_copy():
@@ -149,8 +143,6 @@ def test_bad_align_parameter_names_itself():
                       ({"rigid_hypothesis_offsets_deg": []}, "rigid_hypothesis_offsets_deg")):
         with pytest.raises(InputError, match=name):
             AlignParams.from_dict(bad)
-
-
 
 
 @pytest.mark.slow
